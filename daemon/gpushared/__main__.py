@@ -1,0 +1,7 @@
+"""`python -m gpushared` runs the daemon."""
+
+import sys
+
+from gpushared.app import main
+
+sys.exit(main())

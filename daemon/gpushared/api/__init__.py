@@ -1,0 +1,1 @@
+"""The gpushare wire API: versioned protobuf definitions and their generated code."""

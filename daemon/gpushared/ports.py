@@ -1,0 +1,59 @@
+"""Small interfaces (ports) through which services reach the world; adapters implement them."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from gpushared.domain.allocation import Allocation
+from gpushared.domain.gpu import ComputePartition, DeviceProcess, HostInventory, MemoryPartition
+
+
+class GpuBackend(Protocol):
+    """The hardware: real amdsmi or the emulated MI300X host.
+
+    Every method may block (amdsmi is synchronous); services call them off the event loop.
+    Failures raise ``HardwareError`` carrying the amdsmi status name, or ``BackendUnavailable``.
+    """
+
+    @property
+    def name(self) -> str:
+        """"amdsmi" or "emulated"."""
+        ...
+
+    def observe(self) -> HostInventory:
+        """Enumerate every GPU and partition now (fresh handles; nothing cached across calls)."""
+        ...
+
+    def list_processes(self, gpu_index: int) -> dict[int, tuple[DeviceProcess, ...]]:
+        """Processes holding each partition of a GPU, keyed by partition id."""
+        ...
+
+    def set_compute_partition(self, gpu_index: int, mode: ComputePartition) -> None:
+        """Set a GPU's compute partition through its primary partition (root; no process may hold it)."""
+        ...
+
+    def set_memory_partition(self, gpu_index: int, mode: MemoryPartition) -> None:
+        """Stage a memory partition change for the whole hive; it takes effect at ``reload_driver``."""
+        ...
+
+    def reload_driver(self) -> None:
+        """Unload and reload amdgpu so a staged memory partition applies; handles are stale afterwards."""
+        ...
+
+    def close(self) -> None:
+        """Release the library (amdsmi_shut_down); idempotent."""
+        ...
+
+
+class AllocationStore(Protocol):
+    """Durable record of allocations. Each call is one crash-safe transaction."""
+
+    def load(self) -> list[Allocation]:
+        """Every allocation recorded; raises ``StateError`` naming the file when it cannot be trusted."""
+        ...
+
+    def add(self, allocation: Allocation) -> None: ...
+
+    def remove(self, allocation_id: str) -> None: ...
+
+    def close(self) -> None: ...
