@@ -1,0 +1,145 @@
+"""The daemon's durable records (allocations) in one SQLite file in the state directory.
+
+WAL with synchronous=FULL: a committed transaction survives power loss, not only a crash of
+the daemon (with NORMAL a WAL commit may roll back after power loss). The schema version is
+PRAGMA user_version; a file from a newer gpushared, or one that is not a sound database, is a
+startup error naming the file, never silently replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+from gpushared.domain.allocation import Allocation, PartitionRef, PlacementPolicy
+from gpushared.domain.errors import StateError
+
+SCHEMA_VERSION = 1
+DB_NAME = "gpushared.db"
+
+_SCHEMA = """
+CREATE TABLE allocation (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    owner_uid INTEGER NOT NULL,
+    owner_gid INTEGER NOT NULL,
+    partitions TEXT NOT NULL,
+    memory_bytes_per_partition INTEGER NOT NULL,
+    policy TEXT NOT NULL,
+    placement_reason TEXT NOT NULL,
+    created_at REAL NOT NULL
+) STRICT;
+"""
+
+_FIX = "move the file aside to start with no allocations, or restore it from a backup"
+
+
+class SqliteAllocationStore:
+    """Implements ports.AllocationStore."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / DB_NAME
+        try:
+            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(
+                f"state directory {state_dir}: cannot create it ({exc.strerror})",
+                hint="pass --state-dir with a directory gpushared can write",
+            ) from exc
+        existed = self.path.exists()
+        if existed and not os.access(self.path, os.R_OK | os.W_OK):
+            raise StateError(f"state file {self.path}: not readable and writable by this user", hint=_FIX)
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves so each call is one transaction.
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._open(existed)
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"state file {self.path}: not a usable gpushared database ({exc})", hint=_FIX) from exc
+
+    def _open(self, existed: bool) -> None:
+        db = self._db
+        check = db.execute("PRAGMA quick_check").fetchone()
+        if check is None or check[0] != "ok":
+            raise StateError(f"state file {self.path}: database is damaged ({check})", hint=_FIX)
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise StateError(
+                f"state file {self.path}: written by a newer gpushared (schema {version}; this one reads {SCHEMA_VERSION})",
+                hint="upgrade gpushared, or restore a backup taken before the upgrade",
+            )
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        if version == 0:
+            tables = db.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
+            if existed and tables:
+                raise StateError(f"state file {self.path}: has tables but no gpushared schema version", hint=_FIX)
+            # Schema and version in one transaction: a crash leaves either nothing or both.
+            db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        os.chmod(self.path, 0o600)
+
+    def load(self) -> list[Allocation]:
+        rows = self._db.execute(
+            "SELECT id, name, owner_uid, owner_gid, partitions, memory_bytes_per_partition, policy,"
+            " placement_reason, created_at FROM allocation ORDER BY created_at, id"
+        ).fetchall()
+        allocations = []
+        for row in rows:
+            try:
+                refs = tuple(PartitionRef(str(bdf), int(pid)) for bdf, pid in json.loads(row[4]))
+                allocations.append(
+                    Allocation(
+                        id=row[0],
+                        name=row[1],
+                        owner_uid=int(row[2]),
+                        owner_gid=int(row[3]),
+                        partitions=refs,
+                        memory_bytes_per_partition=int(row[5]),
+                        policy=PlacementPolicy(row[6]),
+                        placement_reason=row[7],
+                        created_at=float(row[8]),
+                    )
+                )
+            except (ValueError, TypeError) as exc:
+                raise StateError(f"state file {self.path}: allocation {row[0]!r} is unreadable ({exc})", hint=_FIX) from exc
+        return allocations
+
+    def add(self, allocation: Allocation) -> None:
+        partitions = json.dumps([[r.gpu_bdf, r.partition_id] for r in allocation.partitions])
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO allocation VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    allocation.id,
+                    allocation.name,
+                    allocation.owner_uid,
+                    allocation.owner_gid,
+                    partitions,
+                    allocation.memory_bytes_per_partition,
+                    str(allocation.policy),
+                    allocation.placement_reason,
+                    allocation.created_at,
+                ),
+            )
+
+    def remove(self, allocation_id: str) -> None:
+        with self._transaction():
+            self._db.execute("DELETE FROM allocation WHERE id = ?", (allocation_id,))
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
