@@ -17,7 +17,7 @@ class GpuBackend(Protocol):
 
     @property
     def name(self) -> str:
-        """"amdsmi" or "emulated"."""
+        """ "amdsmi" or "emulated"."""
         ...
 
     def observe(self) -> HostInventory:

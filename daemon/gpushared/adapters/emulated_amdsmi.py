@@ -126,7 +126,7 @@ _UNKNOWN_INFO: Final = "AMDSMI_STATUS_UNKNOWN_ERROR - An unknown error occurred"
 # --------------------------------------------------------------------------------------------
 
 
-class AmdSmiException(Exception):  # noqa: N818 (the real name)
+class AmdSmiException(Exception):
     """Base smi exception class."""
 
 

@@ -102,7 +102,9 @@ class SqliteAllocationStore:
                     )
                 )
             except (ValueError, TypeError) as exc:
-                raise StateError(f"state file {self.path}: allocation {row[0]!r} is unreadable ({exc})", hint=_FIX) from exc
+                raise StateError(
+                    f"state file {self.path}: allocation {row[0]!r} is unreadable ({exc})", hint=_FIX
+                ) from exc
         return allocations
 
     def add(self, allocation: Allocation) -> None:

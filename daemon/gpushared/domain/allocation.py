@@ -219,8 +219,7 @@ class Ledger:
                 problems.append(f"GPU {ref.gpu_bdf} is not present")
             elif ref.partition_id >= len(gpu.partitions):
                 problems.append(
-                    f"GPU {gpu.index} ({ref.gpu_bdf}) has no partition {ref.partition_id} "
-                    f"in {gpu.compute_partition}"
+                    f"GPU {gpu.index} ({ref.gpu_bdf}) has no partition {ref.partition_id} in {gpu.compute_partition}"
                 )
             elif ref in self.degraded:
                 problems.append(f"GPU {gpu.index} partition {ref.partition_id}: {self.degraded[ref]}")

@@ -1,0 +1,1 @@
+"""gpusharectl: the command-line client of gpushared."""

@@ -1,0 +1,161 @@
+"""gpusharectl command line: parse, call the daemon, print; never a traceback for a user error."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from gpushared.api.v1 import gpushare_pb2 as pb
+from gpushared.domain.errors import InvalidArgument
+from gpushared.domain.units import format_bytes, parse_size
+
+from gpusharectl import render
+from gpusharectl.client import (
+    DEFAULT_SOCKET,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    SOCKET_ENV,
+    Client,
+    CtlError,
+    socket_path,
+)
+
+COMPUTE = {
+    "SPX": pb.COMPUTE_PARTITION_SPX,
+    "DPX": pb.COMPUTE_PARTITION_DPX,
+    "QPX": pb.COMPUTE_PARTITION_QPX,
+    "CPX": pb.COMPUTE_PARTITION_CPX,
+}
+POLICY = {"spread": pb.PLACEMENT_POLICY_SPREAD, "pack": pb.PLACEMENT_POLICY_PACK}
+
+EPILOG = """\
+exit codes: 0 ok, 1 the daemon refused (reason printed), 2 usage error,
+            3 daemon unreachable, 4 permission denied
+sizes: bytes, or a number with an IEC unit (512MiB, 40GiB, 1.5TiB) or SI unit (40GB)
+"""
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text, subject="--memory")
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpusharectl",
+        description="Inspect and allocate the GPU partitions that gpushared manages.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--socket", metavar="PATH", help=f"daemon socket (default ${SOCKET_ENV}, else {DEFAULT_SOCKET})"
+    )
+    parser.add_argument("--json", action="store_true", help="print the API response as JSON (proto field names)")
+    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="per-call deadline (default 10)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    commands.add_parser("status", help="daemon version, backend, uptime and counts")
+    commands.add_parser("gpus", help="physical GPUs: modes, memory and pools")
+    commands.add_parser("partitions", help="logical devices: identifiers, caps and who holds them")
+    allocate = commands.add_parser(
+        "allocate",
+        help="reserve partitions and memory for a workload",
+        description="Reserve partitions and pool memory. The memory is the total; it is split evenly over the partitions.",
+    )
+    allocate.add_argument("--memory", required=True, type=_size, metavar="SIZE", help="total memory, e.g. 40GiB")
+    allocate.add_argument("--partitions", type=_count, default=1, metavar="N", help="how many partitions (default 1)")
+    allocate.add_argument("--gpu", type=_count, metavar="I", help="place only on GPU I")
+    allocate.add_argument(
+        "--compute", type=str.upper, choices=sorted(COMPUTE), help="place only on GPUs in this compute partition"
+    )
+    allocate.add_argument("--name", default="", help="a label: up to 63 of A-Z a-z 0-9 . _ -")
+    allocate.add_argument("--policy", choices=sorted(POLICY), help="placement policy (default: the daemon's, spread)")
+    allocate.add_argument("--env", action="store_true", help="print only `export VAR=value` lines, for eval")
+    release = commands.add_parser("release", help="give an allocation back (owner or admin)")
+    release.add_argument("id", help="allocation id, e.g. a-0123456789ab")
+    commands.add_parser("list", help="all allocations")
+    show = commands.add_parser("show", help="one allocation in full")
+    show.add_argument("id", help="allocation id")
+    health = commands.add_parser("health", help="grpc.health.v1 check: exit 0 when serving")
+    health.add_argument("--service", default="", help="service name (default: the whole server)")
+    return parser
+
+
+def _run(args: argparse.Namespace, client: Client) -> int:
+    out: Callable[[str], None] = print
+    if args.command == "status":
+        status = client.get_status()
+        out(render.to_json(status) if args.json else render.status(status))
+    elif args.command == "gpus":
+        gpus = client.list_gpus()
+        out(render.to_json(gpus) if args.json else render.gpus(gpus))
+    elif args.command == "partitions":
+        parts = client.list_partitions()
+        out(render.to_json(parts) if args.json else render.partitions(parts))
+    elif args.command == "allocate":
+        request = pb.AllocateRequest(
+            memory_bytes=args.memory,
+            partition_count=args.partitions,
+            name=args.name,
+            compute_partition=COMPUTE.get(args.compute or "", pb.COMPUTE_PARTITION_UNSPECIFIED),
+            policy=POLICY.get(args.policy or "", pb.PLACEMENT_POLICY_UNSPECIFIED),
+        )
+        if args.gpu is not None:
+            request.gpu_index = args.gpu
+        allocation = client.allocate(request).allocation
+        if args.env:
+            out(render.env_exports(allocation))
+        else:
+            out(render.to_json(allocation) if args.json else render.allocation(allocation))
+    elif args.command == "release":
+        released = client.release(args.id)
+        if args.json:
+            out(render.to_json(released))
+        else:
+            a = released.allocation
+            out(f"released {a.id} ({render.where(a)}, {format_bytes(a.memory_bytes_total)})")
+    elif args.command == "list":
+        allocations = client.list_allocations()
+        out(render.to_json(allocations) if args.json else render.allocations(allocations))
+    elif args.command == "show":
+        allocation = client.get_allocation(args.id).allocation
+        out(render.to_json(allocation) if args.json else render.allocation(allocation))
+    elif args.command == "health":
+        response = client.health(args.service)
+        name = response.ServingStatus.Name(response.status)
+        out(render.to_json(response) if args.json else name)
+        return EXIT_OK if name == "SERVING" else EXIT_REFUSED
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed usage
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    path = socket_path(args.socket)
+    try:
+        with Client(path, timeout=args.timeout) as client:
+            return _run(args, client)
+    except CtlError as exc:
+        # One line: what, why, and the fix.
+        hint = f" (hint: {exc.hint})" if exc.hint else ""
+        print(f"gpusharectl: {exc.message}{hint}", file=sys.stderr)
+        return exc.exit_code
+    except BrokenPipeError:  # `gpusharectl list | head`
+        return EXIT_OK

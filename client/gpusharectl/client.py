@@ -1,0 +1,148 @@
+"""Typed client for gpushared, and the one place that turns gRPC errors into CLI exit codes."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+from gpushared.api.v1 import gpushare_pb2 as pb
+from gpushared.api.v1 import gpushare_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2
+
+DEFAULT_SOCKET = Path("/run/gpushared/gpushared.sock")
+SOCKET_ENV = "GPUSHARE_SOCKET"
+HINT_METADATA_KEY = "gpushare-hint"
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_PERMISSION = 4
+
+Resp = TypeVar("Resp")
+
+_PERMISSION_CODES = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
+
+
+class CtlError(Exception):
+    """A failure to report in one line (plus an optional hint) and exit with ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+        self.hint = hint
+
+
+def socket_path(flag: str | None) -> Path:
+    """--socket, else $GPUSHARE_SOCKET, else the default."""
+    if flag:
+        return Path(flag)
+    env = os.environ.get(SOCKET_ENV)
+    return Path(env) if env else DEFAULT_SOCKET
+
+
+def _unreachable(path: Path) -> CtlError:
+    """Say precisely why the socket cannot be used, from the errno of a plain connect()."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(2.0)
+        probe.connect(str(path))
+    except OSError as exc:
+        code = exc.errno
+    else:
+        code = 0
+    finally:
+        probe.close()
+    if code in (errno.EACCES, errno.EPERM):
+        return CtlError(
+            f"{path}: permission denied",
+            EXIT_PERMISSION,
+            hint="join the group that owns the socket (usually gpushare: `sudo usermod -aG gpushare $USER`, then log in again)",
+        )
+    start = "start it with `sudo systemctl start gpushared`, or try `gpushared --emulate`"
+    if code == errno.ENOENT:
+        return CtlError(f"{path}: no such socket; gpushared is not running there", EXIT_UNREACHABLE, hint=start)
+    if code == errno.ECONNREFUSED:
+        return CtlError(f"{path}: connection refused; gpushared is not running", EXIT_UNREACHABLE, hint=start)
+    return CtlError(
+        f"{path}: gpushared did not answer", EXIT_UNREACHABLE, hint=f"check `systemctl status gpushared`; {start}"
+    )
+
+
+class Client:
+    def __init__(self, path: Path, timeout: float = 10.0) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(f"unix:{path}")
+        self._stub = pb_grpc.GpushareStub(self._channel)
+        # The health stub's type stubs lack Check; a typed multicallable does the same.
+        self._health_check = self._channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _translate(self, error: grpc.RpcError) -> CtlError:
+        assert isinstance(error, grpc.Call)
+        code = error.code()
+        details = error.details() or code.name
+        hint = ""
+        for key, value in error.trailing_metadata() or ():
+            if key == HINT_METADATA_KEY:
+                hint = str(value)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return _unreachable(self.path)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return CtlError(
+                f"{self.path}: gpushared did not answer within {self.timeout:g}s",
+                EXIT_UNREACHABLE,
+                hint="check `systemctl status gpushared` and its log (`journalctl -u gpushared`)",
+            )
+        if code in _PERMISSION_CODES:
+            return CtlError(details, EXIT_PERMISSION, hint=hint)
+        return CtlError(details, EXIT_REFUSED, hint=hint)
+
+    def _call(self, method: Callable[..., Resp], request: object) -> Resp:
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise self._translate(exc) from None
+
+    def get_status(self) -> pb.GetStatusResponse:
+        return self._call(self._stub.GetStatus, pb.GetStatusRequest())
+
+    def list_gpus(self) -> pb.ListGpusResponse:
+        return self._call(self._stub.ListGpus, pb.ListGpusRequest())
+
+    def list_partitions(self) -> pb.ListPartitionsResponse:
+        return self._call(self._stub.ListPartitions, pb.ListPartitionsRequest())
+
+    def allocate(self, request: pb.AllocateRequest) -> pb.AllocateResponse:
+        return self._call(self._stub.Allocate, request)
+
+    def release(self, allocation_id: str) -> pb.ReleaseResponse:
+        return self._call(self._stub.Release, pb.ReleaseRequest(id=allocation_id))
+
+    def list_allocations(self) -> pb.ListAllocationsResponse:
+        return self._call(self._stub.ListAllocations, pb.ListAllocationsRequest())
+
+    def get_allocation(self, allocation_id: str) -> pb.GetAllocationResponse:
+        return self._call(self._stub.GetAllocation, pb.GetAllocationRequest(id=allocation_id))
+
+    def health(self, service: str = "") -> health_pb2.HealthCheckResponse:
+        return self._call(self._health_check, health_pb2.HealthCheckRequest(service=service))

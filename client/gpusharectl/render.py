@@ -1,0 +1,164 @@
+"""Output of gpusharectl: aligned tables for people, the API message as JSON for scripts. No RPCs here."""
+
+from __future__ import annotations
+
+import pwd
+import shlex
+from collections.abc import Sequence
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from gpushared.api.v1 import gpushare_pb2 as pb
+from gpushared.domain.units import format_bytes
+
+
+def to_json(message: Message) -> str:
+    """The API message in proto3 JSON, field names as in the .proto (uint64 values are strings)."""
+    return json_format.MessageToJson(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True, indent=2
+    )
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def _enum(value: int, enum_type: object, prefix: str) -> str:
+    name: str = enum_type.Name(value)  # type: ignore[attr-defined]
+    return name.removeprefix(prefix)
+
+
+def compute_name(value: int) -> str:
+    return _enum(value, pb.ComputePartition, "COMPUTE_PARTITION_")
+
+
+def memory_name(value: int) -> str:
+    return _enum(value, pb.MemoryPartition, "MEMORY_PARTITION_")
+
+
+def user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def status(response: pb.GetStatusResponse) -> str:
+    caller = response.caller
+    rows = [
+        ("version", response.version),
+        ("backend", response.backend),
+        ("uptime", f"{response.uptime_seconds:.0f}s"),
+        ("gpus", response.gpu_count),
+        (
+            "partitions",
+            f"{response.partition_count} ({response.free_partition_count} free, "
+            f"{response.degraded_partition_count} degraded)",
+        ),
+        ("allocations", response.allocation_count),
+        (
+            "memory",
+            f"{format_bytes(response.memory_allocated_bytes)} allocated of {format_bytes(response.memory_total_bytes)}",
+        ),
+        ("you", f"{user_name(caller.uid)} (uid {caller.uid}){' admin' if caller.admin else ''}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def gpus(response: pb.ListGpusResponse) -> str:
+    rows = []
+    for gpu in response.gpus:
+        pools = " ".join(f"{format_bytes(p.free_bytes)}" for p in gpu.memory_pools)
+        rows.append(
+            (
+                gpu.index,
+                gpu.bdf,
+                gpu.model_name,
+                compute_name(gpu.compute_partition),
+                memory_name(gpu.memory_partition),
+                len(gpu.partitions),
+                format_bytes(gpu.memory_total_bytes),
+                format_bytes(sum(p.allocated_bytes for p in gpu.memory_pools)),
+                pools,
+            )
+        )
+    return table(("GPU", "BDF", "MODEL", "COMPUTE", "MEMORY", "PARTITIONS", "VRAM", "ALLOCATED", "FREE PER POOL"), rows)
+
+
+def partitions(response: pb.ListPartitionsResponse) -> str:
+    rows = []
+    for part in response.partitions:
+        state = _enum(part.state, pb.PartitionState, "PARTITION_STATE_").lower()
+        holder = ""
+        if part.HasField("holder"):
+            holder = part.holder.allocation_id + (
+                f" ({part.holder.allocation_name})" if part.holder.allocation_name else ""
+            )
+            holder += f" {user_name(part.holder.owner_uid)}"
+        elif part.degraded_reason:
+            holder = part.degraded_reason
+        rows.append(
+            (
+                part.gpu_index,
+                part.partition_id,
+                part.bdf,
+                part.render_node,
+                part.hip_index,
+                part.memory_pool,
+                format_bytes(part.memory_cap_bytes),
+                state,
+                holder,
+            )
+        )
+    return table(("GPU", "PART", "BDF", "RENDER", "HIP", "POOL", "CAP", "STATE", "HOLDER"), rows)
+
+
+def where(allocation: pb.Allocation) -> str:
+    return ", ".join(f"{p.gpu_index}/{p.partition_id}" for p in allocation.partitions)
+
+
+def allocations(response: pb.ListAllocationsResponse) -> str:
+    rows = [
+        (
+            a.id,
+            a.name or "-",
+            user_name(a.owner_uid),
+            where(a),
+            format_bytes(a.memory_bytes_total),
+            _enum(a.state, pb.AllocationState, "ALLOCATION_STATE_").lower(),
+            a.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+        )
+        for a in response.allocations
+    ]
+    return table(("ID", "NAME", "OWNER", "GPU/PART", "MEMORY", "STATE", "CREATED (UTC)"), rows)
+
+
+def allocation(a: pb.Allocation) -> str:
+    lines = [
+        f"id          {a.id}",
+        f"name        {a.name or '-'}",
+        f"owner       {user_name(a.owner_uid)} (uid {a.owner_uid})",
+        f"state       {_enum(a.state, pb.AllocationState, 'ALLOCATION_STATE_').lower()}"
+        + (f": {a.state_reason}" if a.state_reason else ""),
+        f"memory      {format_bytes(a.memory_bytes_total)} "
+        f"({format_bytes(a.memory_bytes_per_partition)} per partition, {a.memory_bytes_per_partition} bytes)",
+        f"placement   {a.placement_reason}",
+        "partitions",
+    ]
+    for p in a.partitions:
+        lines.append(
+            f"  GPU {p.gpu_index} partition {p.partition_id}  {p.bdf}  {p.render_node}  hip {p.hip_index}  pool {p.memory_pool}"
+        )
+    lines.append("environment")
+    lines.extend(f"  {k}={v}" for k, v in sorted(a.environment.items()))
+    lines.append("devices     " + " ".join(a.device_nodes))
+    return "\n".join(lines)
+
+
+def env_exports(a: pb.Allocation) -> str:
+    """`export VAR=value` lines for eval, values shell-quoted."""
+    return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(a.environment.items()))

@@ -1,0 +1,293 @@
+"""Composition root of gpushared: command line, wiring of adapters to services, signals, lifecycle."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gpushared import __version__
+from gpushared.adapters.amdsmi_gpu import AmdSmiGpuBackend, load_amdsmi
+from gpushared.adapters.emulated_amdsmi import EmulatedAmdSmi, EmulatorStateError
+from gpushared.adapters.sqlite_state import SqliteAllocationStore
+from gpushared.adapters.user_db import UserDatabase
+from gpushared.config import DEFAULT_CONFIG_PATH, DaemonConfig, load_config, reload_changes, with_overrides
+from gpushared.domain.errors import ConfigError, GpushareError
+from gpushared.logs import configure_logging, set_level
+from gpushared.ports import GpuBackend
+from gpushared.services.allocations import AllocationPolicy, AllocationService
+from gpushared.transport.server import ApiServer, peer_dir_for
+from gpushared.transport.servicer import Authenticator, GpushareServicer
+
+log = logging.getLogger("gpushared")
+
+EMULATOR_STATE_FILE = "emulated-host.json"
+REFRESH_SECONDS = 30.0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 78  # sysexits EX_CONFIG: systemd can refuse to restart on it
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpushared",
+        description=(
+            "Share AMD Instinct MI300X GPUs between LLM workloads: owns partition state, allocates "
+            "partitions and pool memory, and serves the gpushare API on a Unix socket. "
+            "Runs as root under systemd in production; `gpushared --emulate` runs on an emulated "
+            "8-GPU MI300X host for trying it without hardware."
+        ),
+        epilog=(
+            f"Configuration is read from {DEFAULT_CONFIG_PATH} when it exists; command-line options "
+            "override it. Signals: SIGTERM/SIGINT stop cleanly, SIGHUP reloads the configuration."
+        ),
+    )
+    parser.add_argument(
+        "--config", type=Path, metavar="FILE", help=f"configuration file (default {DEFAULT_CONFIG_PATH})"
+    )
+    parser.add_argument(
+        "--check-config",
+        nargs="?",
+        const=True,
+        metavar="FILE",
+        help="validate the configuration (FILE, or the one --config names) and exit: 0 valid, 78 invalid",
+    )
+    parser.add_argument(
+        "--emulate",
+        nargs="?",
+        const=-1,
+        type=int,
+        metavar="N",
+        help="use the emulated MI300X host with N GPUs (default: emulator.gpu_count, 8) instead of amdsmi",
+    )
+    parser.add_argument(
+        "--socket", type=Path, metavar="PATH", help="API socket (default /run/gpushared/gpushared.sock)"
+    )
+    parser.add_argument("--state-dir", type=Path, metavar="DIR", help="durable state (default /var/lib/gpushared)")
+    parser.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), help="log verbosity (default info)"
+    )
+    parser.add_argument("--version", action="version", version=f"gpushared {__version__}")
+    return parser
+
+
+def command_line_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    backend = None
+    gpu_count = None
+    if args.emulate is not None:
+        backend = "emulated"
+        if args.emulate != -1:
+            if not 1 <= args.emulate <= 8:
+                raise ConfigError(f"--emulate {args.emulate}: an emulated host has 1 to 8 GPUs")
+            gpu_count = args.emulate
+    return {
+        "backend": backend,
+        "emulated_gpu_count": gpu_count,
+        "socket": args.socket.absolute() if args.socket else None,
+        "state_dir": args.state_dir.absolute() if args.state_dir else None,
+        "log_level": args.log_level,
+    }
+
+
+def open_backend(config: DaemonConfig) -> GpuBackend:
+    """The configured hardware backend. Never falls back to the emulator on its own."""
+    if config.backend == "emulated":
+        try:
+            lib = EmulatedAmdSmi(config.state_dir / EMULATOR_STATE_FILE, gpu_count=config.emulated_gpu_count)
+        except EmulatorStateError as exc:
+            raise GpushareError(str(exc)) from exc
+        return AmdSmiGpuBackend(lib, name="emulated")
+    return AmdSmiGpuBackend(load_amdsmi())
+
+
+def allocation_policy(config: DaemonConfig, users: UserDatabase) -> AllocationPolicy:
+    quotas = {}
+    for user, quota in config.user_quotas.items():
+        uid = users.user_id(user)
+        if uid is None:
+            log.warning("quota for user %r ignored: no such user", user)
+            continue
+        quotas[uid] = quota
+    return AllocationPolicy(config.default_policy, config.default_quota, quotas)
+
+
+def hold_lock(directory: Path) -> int:
+    """Take an exclusive lock on ``directory/gpushared.lock`` for the life of the process."""
+    path = directory / "gpushared.lock"
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise GpushareError(
+            f"state directory {directory}: cannot use it ({exc.strerror})",
+            hint="run gpushared as root, or pass --state-dir with a directory you can write",
+        ) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise GpushareError(
+            f"state directory {directory}: another gpushared (pid {holder}) is using it",
+            hint="stop that one first, or give this one its own --state-dir",
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig, overrides: dict[str, Any] | None = None) -> None:
+        self.config = config
+        self.overrides = overrides or {}
+        self.users = UserDatabase()
+        self._stop = asyncio.Event()
+        self._admin_gid: int | None = None
+
+    def _group(self, key: str, name: str) -> int | None:
+        if not name:
+            return None
+        gid = self.users.group_id(name)
+        if gid is None:
+            log.warning(
+                "group %r (daemon.%s) does not exist: %s",
+                name,
+                key,
+                "only root is admin" if key == "admin_group" else "only root can use the socket",
+                extra={"fix": f"groupadd --system {name}"},
+            )
+        return gid
+
+    def is_admin(self, uid: int, gid: int) -> bool:
+        if uid == 0:
+            return True
+        return self._admin_gid is not None and self._admin_gid in self.users.groups_of(uid, gid)
+
+    async def run(self) -> None:
+        config = self.config
+        # One daemon per state directory: two would split the allocation record and the emulator's hardware.
+        lock = hold_lock(config.state_dir)
+        try:
+            backend = await asyncio.to_thread(open_backend, config)
+        except BaseException:
+            os.close(lock)
+            raise
+        self._admin_gid = self._group("admin_group", config.admin_group)
+        try:
+            store = SqliteAllocationStore(config.state_dir)
+            try:
+                await self._serve(backend, store)
+            finally:
+                store.close()
+        finally:
+            backend.close()
+            os.close(lock)
+
+    async def _serve(self, backend: GpuBackend, store: SqliteAllocationStore) -> None:
+        config = self.config
+        inventory = await asyncio.to_thread(backend.observe)
+        service = AllocationService(store, allocation_policy(config, self.users), inventory, observed_at=time.time())
+        socket_gid = self._group("socket_group", config.socket_group)
+        auth = Authenticator(peer_dir_for(config.socket), self.is_admin)
+        server = ApiServer(
+            GpushareServicer(service, auth, backend.name),
+            config.socket,
+            socket_mode=config.socket_mode,
+            socket_gid=socket_gid,
+        )
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.reload(service))
+        await server.start()
+        partitions = len(inventory.partitions())
+        log.info(
+            "serving on %s: %s backend, %d GPUs, %d partitions, %d allocations",
+            config.socket,
+            backend.name,
+            len(inventory.gpus),
+            partitions,
+            len(service.view.ledger.allocations),
+            extra={"event": "ready", "socket": str(config.socket), "backend": backend.name},
+        )
+        refresher = asyncio.create_task(self._refresh(backend, service))
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("stopping", extra={"event": "stopping"})
+            refresher.cancel()
+            await server.stop()
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+        log.info("stopped", extra={"event": "stopped"})
+
+    async def _refresh(self, backend: GpuBackend, service: AllocationService) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_SECONDS)
+            try:
+                inventory = await asyncio.to_thread(backend.observe)
+            except GpushareError as exc:
+                log.warning("hardware observation failed: %s", exc, extra={"event": "observe_failed"})
+                continue
+            service.update_inventory(inventory, time.time())
+
+    def reload(self, service: AllocationService) -> None:
+        try:
+            # Command-line options keep winning over the file after a reload.
+            new = with_overrides(load_config(self.config.source), **self.overrides)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc, extra={"event": "reload_failed"})
+            return
+        merged, applied, ignored = reload_changes(self.config, new)
+        self.config = merged
+        set_level(merged.log_level)
+        self._admin_gid = self._group("admin_group", merged.admin_group)
+        service.set_policy(allocation_policy(merged, self.users))
+        log.info(
+            "configuration reloaded; applied: %s; need a restart: %s",
+            ", ".join(applied) or "nothing changed",
+            ", ".join(ignored) or "none",
+            extra={"event": "reload"},
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.check_config is not None:
+        path = args.config if args.check_config is True else Path(args.check_config)
+        try:
+            load_config(path)
+        except ConfigError as exc:
+            print(f"gpushared: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        print(f"gpushared: config {path or DEFAULT_CONFIG_PATH}: ok")
+        return 0
+    try:
+        overrides = command_line_overrides(args)
+        config = with_overrides(load_config(args.config), **overrides)
+    except ConfigError as exc:
+        print(f"gpushared: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(config.log_level)
+    try:
+        asyncio.run(Daemon(config, overrides).run())
+    except GpushareError as exc:
+        # One line an operator can act on, no traceback: what failed, and how to proceed.
+        print(f"gpushared: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""gpushared's configuration: the TOML schema, strict parsing, defaults, and what SIGHUP may change."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from gpushared.domain.allocation import PlacementPolicy, Quota
+from gpushared.domain.errors import ConfigError, GpushareError
+from gpushared.domain.units import parse_size
+
+DEFAULT_CONFIG_PATH = Path("/etc/gpushared/gpushared.toml")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+BACKENDS = ("amdsmi", "emulated")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    backend: str = "amdsmi"
+    socket: Path = Path("/run/gpushared/gpushared.sock")
+    socket_group: str = "gpushare"
+    socket_mode: int = 0o660
+    admin_group: str = "gpushare-admin"
+    state_dir: Path = Path("/var/lib/gpushared")
+    log_level: str = "info"
+    emulated_gpu_count: int = 8
+    default_policy: PlacementPolicy = PlacementPolicy.SPREAD
+    default_quota: Quota = field(default_factory=Quota)
+    user_quotas: dict[str, Quota] = field(default_factory=dict)
+    """Keyed by user name or decimal uid, as written in the file."""
+    source: Path | None = None
+
+
+RELOADABLE = ("log_level", "admin_group", "default_policy", "default_quota", "user_quotas")
+"""Fields SIGHUP applies; every other change needs a restart."""
+
+_SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "daemon": {
+        "backend": str,
+        "socket": str,
+        "socket_group": str,
+        "socket_mode": str,
+        "admin_group": str,
+        "state_dir": str,
+        "log_level": str,
+    },
+    "emulator": {"gpu_count": int},
+    "allocation": {"default_policy": str},
+    "quota": {"max_allocations": int, "max_memory": (str, int), "users": dict},
+}
+_QUOTA_KEYS: dict[str, type | tuple[type, ...]] = {"max_allocations": int, "max_memory": (str, int)}
+
+
+def load_config(path: Path | None) -> DaemonConfig:
+    """Read and validate a config file. ``None`` reads the default path if it exists, else defaults."""
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            return DaemonConfig()
+        path = DEFAULT_CONFIG_PATH
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config {path}: no such file", hint="pass an existing file with --config") from exc
+    except OSError as exc:
+        raise ConfigError(f"config {path}: cannot read it ({exc.strerror})") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config {path}: not valid TOML ({exc})") from exc
+    return parse_config(data, path)
+
+
+def parse_config(data: dict[str, Any], path: Path) -> DaemonConfig:
+    where = str(path)
+    for section, values in data.items():
+        if section not in _SCHEMA:
+            raise ConfigError(f"config {where}: unknown section [{section}]", hint=f"known: {', '.join(_SCHEMA)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config {where}: {section} must be a table ([{section}])")
+        for key, value in values.items():
+            _check_type(where, f"{section}.{key}", value, _SCHEMA[section].get(key), _SCHEMA[section])
+
+    daemon = data.get("daemon", {})
+    config = DaemonConfig(source=path)
+    updates: dict[str, Any] = {}
+    if "backend" in daemon:
+        updates["backend"] = _choice(where, "daemon.backend", daemon["backend"], BACKENDS)
+    for key in ("socket", "state_dir"):
+        if key in daemon:
+            updates[key] = _absolute(where, f"daemon.{key}", daemon[key])
+    for key in ("socket_group", "admin_group"):
+        if key in daemon:
+            updates[key] = daemon[key]
+    if "socket_mode" in daemon:
+        updates["socket_mode"] = _mode(where, daemon["socket_mode"])
+    if "log_level" in daemon:
+        updates["log_level"] = _choice(where, "daemon.log_level", daemon["log_level"], LOG_LEVELS)
+    emulator = data.get("emulator", {})
+    if "gpu_count" in emulator:
+        count = emulator["gpu_count"]
+        if not 1 <= count <= 8:
+            raise ConfigError(f"config {where}: emulator.gpu_count = {count} is out of range", hint="use 1 to 8")
+        updates["emulated_gpu_count"] = count
+    allocation = data.get("allocation", {})
+    if "default_policy" in allocation:
+        policy = _choice(where, "allocation.default_policy", allocation["default_policy"], tuple(PlacementPolicy))
+        updates["default_policy"] = PlacementPolicy(policy)
+    quota = data.get("quota", {})
+    updates["default_quota"] = _quota(where, "quota", quota)
+    users = {}
+    for user, values in quota.get("users", {}).items():
+        subject = f"quota.users.{user}"
+        if not isinstance(values, dict):
+            raise ConfigError(f"config {where}: {subject} must be a table")
+        for key, value in values.items():
+            _check_type(where, f"{subject}.{key}", value, _QUOTA_KEYS.get(key), _QUOTA_KEYS)
+        users[str(user)] = _quota(where, subject, values)
+    updates["user_quotas"] = users
+    return replace(config, **updates)
+
+
+def with_overrides(config: DaemonConfig, **overrides: Any) -> DaemonConfig:
+    """Apply command-line overrides (None = not given)."""
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def reload_changes(old: DaemonConfig, new: DaemonConfig) -> tuple[DaemonConfig, list[str], list[str]]:
+    """What SIGHUP does: returns (config to use, fields applied, fields that need a restart)."""
+    applied = [
+        f.name for f in fields(DaemonConfig) if f.name in RELOADABLE and getattr(old, f.name) != getattr(new, f.name)
+    ]
+    ignored = [
+        f.name
+        for f in fields(DaemonConfig)
+        if f.name not in RELOADABLE and f.name != "source" and getattr(old, f.name) != getattr(new, f.name)
+    ]
+    merged = replace(old, **{name: getattr(new, name) for name in RELOADABLE})
+    return merged, applied, ignored
+
+
+def _check_type(
+    where: str, key: str, value: object, expected: type | tuple[type, ...] | None, known: dict[str, Any]
+) -> None:
+    if expected is None:
+        raise ConfigError(f"config {where}: unknown key {key}", hint=f"known keys here: {', '.join(known)}")
+    # bool is an int in Python; TOML true/false is never a valid number here.
+    if isinstance(value, bool) or not isinstance(value, expected):
+        names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
+        raise ConfigError(f"config {where}: {key} must be a {names}, not {type(value).__name__}")
+
+
+def _choice(where: str, key: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ConfigError(f"config {where}: {key} = {value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def _absolute(where: str, key: str, value: str) -> Path:
+    path = Path(value)
+    if not path.is_absolute():
+        raise ConfigError(f"config {where}: {key} = {value!r} must be an absolute path")
+    return path
+
+
+def _mode(where: str, value: str) -> int:
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise ConfigError(f'config {where}: daemon.socket_mode = {value!r} is not an octal mode like "0660"')
+    if mode & 0o007:
+        raise ConfigError(
+            f"config {where}: daemon.socket_mode = {value!r} lets every user on the host connect",
+            hint="use 0660 and put API users in daemon.socket_group",
+        )
+    return mode
+
+
+def _quota(where: str, subject: str, values: dict[str, Any]) -> Quota:
+    max_allocations = values.get("max_allocations", 0)
+    if max_allocations < 0:
+        raise ConfigError(f"config {where}: {subject}.max_allocations must be 0 (unlimited) or more")
+    raw_memory = values.get("max_memory", 0)
+    if isinstance(raw_memory, int):
+        if raw_memory < 0:
+            raise ConfigError(f"config {where}: {subject}.max_memory must be 0 (unlimited) or more")
+        max_memory = raw_memory
+    else:
+        try:
+            max_memory = parse_size(raw_memory, subject=f"{subject}.max_memory")
+        except GpushareError as exc:
+            raise ConfigError(f"config {where}: {exc}") from exc
+    return Quota(
+        max_allocations=max_allocations or None,
+        max_memory_bytes=max_memory or None,
+    )

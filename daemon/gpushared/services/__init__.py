@@ -1,0 +1,1 @@
+"""Use cases: orchestrate the domain and reach the world only through ports."""

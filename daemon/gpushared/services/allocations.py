@@ -1,0 +1,151 @@
+"""Allocation use cases: place, record durably, release, and answer queries from a cached view."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from gpushared.domain.allocation import (
+    Allocation,
+    AllocationRequest,
+    Ledger,
+    PlacementPolicy,
+    Quota,
+    check_quota,
+    share_per_partition,
+    validate_allocation_id,
+    validate_request,
+)
+from gpushared.domain.caller import Caller, authorize_release
+from gpushared.domain.errors import NotFound
+from gpushared.domain.gpu import HostInventory
+from gpushared.ports import AllocationStore
+
+log = logging.getLogger("gpushared.allocations")
+
+
+@dataclass(frozen=True)
+class HostView:
+    """An immutable snapshot for readers: no RPC ever waits on hardware."""
+
+    inventory: HostInventory
+    ledger: Ledger
+    observed_at: float
+
+
+@dataclass(frozen=True)
+class AllocationPolicy:
+    default_policy: PlacementPolicy
+    default_quota: Quota
+    user_quotas: Mapping[int, Quota]
+
+    def quota_for(self, uid: int) -> Quota:
+        return self.user_quotas.get(uid, self.default_quota)
+
+
+def new_allocation_id() -> str:
+    return "a-" + secrets.token_hex(6)
+
+
+class AllocationService:
+    """Single writer of allocations. Methods run on the event loop thread, so none of them yield
+    between reading the ledger and recording the result: two requests can never both see a
+    partition as free."""
+
+    def __init__(
+        self,
+        store: AllocationStore,
+        policy: AllocationPolicy,
+        inventory: HostInventory,
+        *,
+        observed_at: float,
+        clock: Callable[[], float] = time.time,
+        id_factory: Callable[[], str] = new_allocation_id,
+    ) -> None:
+        self._store = store
+        self._policy = policy
+        self._clock = clock
+        self._new_id = id_factory
+        allocations = store.load()
+        self._view = HostView(inventory, Ledger(inventory, allocations), observed_at)
+        for allocation in allocations:
+            state, reason = self._view.ledger.allocation_state(allocation)
+            if reason:
+                log.warning("allocation %s is %s: %s", allocation.id, state, reason)
+
+    @property
+    def view(self) -> HostView:
+        return self._view
+
+    def set_policy(self, policy: AllocationPolicy) -> None:
+        self._policy = policy
+
+    def update_inventory(self, inventory: HostInventory, observed_at: float) -> None:
+        ledger = self._view.ledger
+        self._view = HostView(inventory, Ledger(inventory, ledger.allocations.values(), ledger.degraded), observed_at)
+
+    def allocate(self, caller: Caller, request: AllocationRequest) -> Allocation:
+        validate_request(request)
+        ledger = self._view.ledger
+        if not caller.admin:
+            held = [a for a in ledger.allocations.values() if a.owner_uid == caller.uid]
+            total = share_per_partition(request.memory_bytes, request.partition_count) * request.partition_count
+            check_quota(held, total, self._policy.quota_for(caller.uid), caller.uid)
+        placement = ledger.place(request, self._policy.default_policy)
+        allocation = Allocation(
+            id=self._unused_id(ledger),
+            name=request.name,
+            owner_uid=caller.uid,
+            owner_gid=caller.gid,
+            partitions=placement.partitions,
+            memory_bytes_per_partition=placement.memory_bytes_per_partition,
+            policy=placement.policy,
+            placement_reason=placement.reason,
+            created_at=self._clock(),
+        )
+        # Durable first: if the write fails, nothing was handed out and the view is unchanged.
+        self._store.add(allocation)
+        self._replace_allocations([*ledger.allocations.values(), allocation])
+        log.info(
+            "allocated %s to %s: %s",
+            allocation.id,
+            caller.describe(),
+            placement.reason,
+            extra={"event": "allocate", "allocation": allocation.id, "uid": caller.uid, "pid": caller.pid},
+        )
+        return allocation
+
+    def release(self, caller: Caller, allocation_id: str) -> Allocation:
+        allocation = self.get(allocation_id)
+        authorize_release(caller, allocation)
+        self._store.remove(allocation.id)
+        self._replace_allocations([a for a in self._view.ledger.allocations.values() if a.id != allocation.id])
+        log.info(
+            "released %s (owner uid %d) by %s",
+            allocation.id,
+            allocation.owner_uid,
+            caller.describe(),
+            extra={"event": "release", "allocation": allocation.id, "uid": caller.uid, "pid": caller.pid},
+        )
+        return allocation
+
+    def get(self, allocation_id: str) -> Allocation:
+        validate_allocation_id(allocation_id)
+        allocation = self._view.ledger.allocations.get(allocation_id)
+        if allocation is None:
+            raise NotFound(f"allocation {allocation_id}: no such allocation", hint="list them with `gpusharectl list`")
+        return allocation
+
+    def _unused_id(self, ledger: Ledger) -> str:
+        while (candidate := self._new_id()) in ledger.allocations:
+            pass
+        return candidate
+
+    def _replace_allocations(self, allocations: list[Allocation]) -> None:
+        view = self._view
+        self._view = HostView(
+            view.inventory, Ledger(view.inventory, allocations, view.ledger.degraded), view.observed_at
+        )

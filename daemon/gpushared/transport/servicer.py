@@ -1,0 +1,302 @@
+"""gpushare.v1 servicer: authenticates each call, converts protobuf <-> domain, maps errors; nothing else."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from gpushared import __version__
+from gpushared.api.v1 import gpushare_pb2 as pb
+from gpushared.domain.allocation import (
+    Allocation,
+    AllocationRequest,
+    Ledger,
+    PartitionRef,
+    PartitionState,
+    PlacementPolicy,
+)
+from gpushared.domain.caller import Caller
+from gpushared.domain.errors import GpushareError, InvalidArgument, Unauthenticated
+from gpushared.domain.gpu import ComputePartition, GpuInfo, MemoryPartition, PartitionInfo
+from gpushared.domain.lease import device_nodes, lease_environment, leased_partitions
+from gpushared.services.allocations import AllocationService, HostView
+from gpushared.transport.front_door import identity_from_peer
+from gpushared.transport.status import HINT_METADATA_KEY, status_for
+
+log = logging.getLogger("gpushared.api")
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Gpushare"]
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
+
+COMPUTE_TO_PB = {
+    ComputePartition.SPX: pb.COMPUTE_PARTITION_SPX,
+    ComputePartition.DPX: pb.COMPUTE_PARTITION_DPX,
+    ComputePartition.QPX: pb.COMPUTE_PARTITION_QPX,
+    ComputePartition.CPX: pb.COMPUTE_PARTITION_CPX,
+}
+COMPUTE_FROM_PB = {v: k for k, v in COMPUTE_TO_PB.items()}
+MEMORY_TO_PB = {
+    MemoryPartition.NPS1: pb.MEMORY_PARTITION_NPS1,
+    MemoryPartition.NPS2: pb.MEMORY_PARTITION_NPS2,
+    MemoryPartition.NPS4: pb.MEMORY_PARTITION_NPS4,
+}
+STATE_TO_PB = {
+    PartitionState.FREE: pb.PARTITION_STATE_FREE,
+    PartitionState.ALLOCATED: pb.PARTITION_STATE_ALLOCATED,
+    PartitionState.DEGRADED: pb.PARTITION_STATE_DEGRADED,
+}
+POLICY_TO_PB = {PlacementPolicy.SPREAD: pb.PLACEMENT_POLICY_SPREAD, PlacementPolicy.PACK: pb.PLACEMENT_POLICY_PACK}
+POLICY_FROM_PB = {v: k for k, v in POLICY_TO_PB.items()}
+
+
+@dataclass
+class Authenticator:
+    """Turns the relay's peer address into a Caller; anything else is refused (fail closed)."""
+
+    peer_dir: Path
+    is_admin: Callable[[int, int], bool]
+
+    def caller(self, peer: str) -> Caller:
+        identity = identity_from_peer(peer, self.peer_dir)
+        if identity is None:
+            raise Unauthenticated(
+                "caller: the daemon could not establish who you are",
+                hint="connect through the gpushared socket, not the internal one",
+            )
+        return Caller(identity.uid, identity.gid, identity.pid, self.is_admin(identity.uid, identity.gid))
+
+
+class GpushareServicer:
+    """Serves gpushare.v1.Gpushare. Requests arrive as raw bytes and are parsed here, so a corrupt
+    message gets INVALID_ARGUMENT naming the message type instead of grpcio's opaque UNKNOWN."""
+
+    def __init__(self, allocations: AllocationService, auth: Authenticator, backend_name: str) -> None:
+        self._allocations = allocations
+        self._auth = auth
+        self._backend = backend_name
+        self._started = time.monotonic()
+        methods: dict[str, tuple[type[Message], Callable[[Caller, Any], Message]]] = {
+            "GetStatus": (pb.GetStatusRequest, self._get_status),
+            "ListGpus": (pb.ListGpusRequest, self._list_gpus),
+            "ListPartitions": (pb.ListPartitionsRequest, self._list_partitions),
+            "Allocate": (pb.AllocateRequest, self._allocate),
+            "Release": (pb.ReleaseRequest, self._release),
+            "ListAllocations": (pb.ListAllocationsRequest, self._list_allocations),
+            "GetAllocation": (pb.GetAllocationRequest, self._get_allocation),
+        }
+        missing = set(SERVICE.methods_by_name) ^ set(methods)
+        if missing:
+            raise AssertionError(f"servicer and gpushare.proto disagree on {sorted(missing)}")
+        self._methods = methods
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+            name: grpc.unary_unary_rpc_method_handler(
+                self._bind(name, request_type, handler),
+                request_deserializer=None,
+                response_serializer=_serialize,
+            )
+            for name, (request_type, handler) in self._methods.items()
+        }
+        return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)
+
+    def _bind(
+        self, name: str, request_type: type[Message], handler: Callable[[Caller, Any], Message]
+    ) -> Callable[[bytes, grpc.aio.ServicerContext[bytes, Message]], Awaitable[Message]]:
+        async def call(raw: bytes, context: grpc.aio.ServicerContext[bytes, Message]) -> Message:
+            try:
+                caller = self._auth.caller(context.peer())
+                try:
+                    request = request_type.FromString(raw)
+                except DecodeError:
+                    raise InvalidArgument(
+                        f"request: not a valid {request_type.DESCRIPTOR.full_name} message",
+                        hint="use a client generated from gpushare.proto",
+                    ) from None
+                return handler(caller, request)
+            except GpushareError as exc:
+                if exc.hint:
+                    context.set_trailing_metadata(((HINT_METADATA_KEY, exc.hint),))
+                await context.abort(status_for(exc), exc.message)
+            except Exception:
+                log.exception("internal error in %s", name, extra={"event": "internal_error", "method": name})
+                await context.abort(
+                    grpc.StatusCode.INTERNAL, "internal error in gpushared; see its log (journalctl -u gpushared)"
+                )
+            raise AssertionError("unreachable")  # pragma: no cover - abort always raises
+
+        return call
+
+    def _get_status(self, caller: Caller, request: pb.GetStatusRequest) -> pb.GetStatusResponse:
+        view = self._allocations.view
+        ledger = view.ledger
+        refs = [PartitionRef(g.bdf, p.partition_id) for g in view.inventory.gpus for p in g.partitions]
+        states = [ledger.partition_state(r) for r in refs]
+        return pb.GetStatusResponse(
+            version=__version__,
+            backend=self._backend,
+            uptime_seconds=time.monotonic() - self._started,
+            gpu_count=len(view.inventory.gpus),
+            partition_count=len(refs),
+            free_partition_count=states.count(PartitionState.FREE),
+            degraded_partition_count=states.count(PartitionState.DEGRADED),
+            allocation_count=len(ledger.allocations),
+            memory_total_bytes=sum(g.memory_total_bytes for g in view.inventory.gpus),
+            memory_allocated_bytes=sum(a.memory_bytes_total for a in ledger.allocations.values()),
+            caller=pb.Caller(uid=caller.uid, gid=caller.gid, pid=caller.pid, admin=caller.admin),
+            observed_at=_timestamp(view.observed_at),
+        )
+
+    def _list_gpus(self, caller: Caller, request: pb.ListGpusRequest) -> pb.ListGpusResponse:
+        view = self._allocations.view
+        return pb.ListGpusResponse(gpus=[_gpu_to_pb(g, view.ledger) for g in view.inventory.gpus])
+
+    def _list_partitions(self, caller: Caller, request: pb.ListPartitionsRequest) -> pb.ListPartitionsResponse:
+        view = self._allocations.view
+        return pb.ListPartitionsResponse(
+            partitions=[_partition_to_pb(g, p, view.ledger) for g in view.inventory.gpus for p in g.partitions]
+        )
+
+    def _allocate(self, caller: Caller, request: pb.AllocateRequest) -> pb.AllocateResponse:
+        allocation = self._allocations.allocate(caller, _request_from_pb(request))
+        return pb.AllocateResponse(allocation=_allocation_to_pb(allocation, self._allocations.view))
+
+    def _release(self, caller: Caller, request: pb.ReleaseRequest) -> pb.ReleaseResponse:
+        view = self._allocations.view
+        allocation = self._allocations.release(caller, request.id)
+        return pb.ReleaseResponse(allocation=_allocation_to_pb(allocation, view))
+
+    def _list_allocations(self, caller: Caller, request: pb.ListAllocationsRequest) -> pb.ListAllocationsResponse:
+        view = self._allocations.view
+        allocations = sorted(view.ledger.allocations.values(), key=lambda a: (a.created_at, a.id))
+        return pb.ListAllocationsResponse(allocations=[_allocation_to_pb(a, view) for a in allocations])
+
+    def _get_allocation(self, caller: Caller, request: pb.GetAllocationRequest) -> pb.GetAllocationResponse:
+        allocation = self._allocations.get(request.id)
+        return pb.GetAllocationResponse(allocation=_allocation_to_pb(allocation, self._allocations.view))
+
+
+def _request_from_pb(request: pb.AllocateRequest) -> AllocationRequest:
+    compute = None
+    if request.compute_partition != pb.COMPUTE_PARTITION_UNSPECIFIED:
+        if request.compute_partition not in COMPUTE_FROM_PB:
+            raise InvalidArgument(
+                f"compute_partition: unknown value {request.compute_partition}", hint="use SPX, DPX, QPX or CPX"
+            )
+        compute = COMPUTE_FROM_PB[request.compute_partition]
+    policy = None
+    if request.policy != pb.PLACEMENT_POLICY_UNSPECIFIED:
+        if request.policy not in POLICY_FROM_PB:
+            raise InvalidArgument(f"policy: unknown value {request.policy}", hint="use spread or pack")
+        policy = POLICY_FROM_PB[request.policy]
+    return AllocationRequest(
+        memory_bytes=request.memory_bytes,
+        partition_count=request.partition_count or 1,
+        gpu_index=request.gpu_index if request.HasField("gpu_index") else None,
+        compute_partition=compute,
+        name=request.name,
+        policy=policy,
+    )
+
+
+def _timestamp(unix_seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(unix_seconds * 1e9))
+    return stamp
+
+
+def _gpu_to_pb(gpu: GpuInfo, ledger: Ledger) -> pb.Gpu:
+    allocated = ledger.pool_allocated(gpu)
+    pools = [
+        pb.MemoryPool(
+            index=pool,
+            total_bytes=gpu.pool_total_bytes,
+            allocated_bytes=allocated.get(pool, 0),
+            free_bytes=max(gpu.pool_total_bytes - allocated.get(pool, 0), 0),
+            partition_ids=[p.partition_id for p in gpu.partitions if gpu.pool_of(p.partition_id) == pool],
+        )
+        for pool in range(gpu.pool_count)
+    ]
+    return pb.Gpu(
+        index=gpu.index,
+        bdf=gpu.bdf,
+        model_name=gpu.model_name,
+        compute_partition=COMPUTE_TO_PB[gpu.compute_partition],
+        memory_partition=MEMORY_TO_PB[gpu.memory_partition],
+        available_compute_partitions=[COMPUTE_TO_PB[m] for m in gpu.available_compute_partitions],
+        available_memory_partitions=[MEMORY_TO_PB[m] for m in gpu.available_memory_partitions],
+        memory_total_bytes=gpu.memory_total_bytes,
+        memory_used_bytes=gpu.memory_used_bytes,
+        memory_pools=pools,
+        partitions=[_partition_to_pb(gpu, p, ledger) for p in gpu.partitions],
+    )
+
+
+def _partition_to_pb(gpu: GpuInfo, partition: PartitionInfo, ledger: Ledger) -> pb.Partition:
+    ref = PartitionRef(gpu.bdf, partition.partition_id)
+    state = ledger.partition_state(ref)
+    message = pb.Partition(
+        gpu_index=gpu.index,
+        gpu_bdf=gpu.bdf,
+        partition_id=partition.partition_id,
+        bdf=partition.bdf,
+        uuid=partition.uuid,
+        render_node=partition.render_node,
+        card_node=partition.card_node,
+        hip_index=partition.hip_index,
+        memory_pool=gpu.pool_of(partition.partition_id),
+        memory_cap_bytes=partition.memory_total_bytes,
+        state=STATE_TO_PB[state],
+        degraded_reason=ledger.degraded.get(ref, ""),
+    )
+    holder = ledger.holder_of(ref)
+    if holder is not None:
+        message.holder.CopyFrom(
+            pb.Holder(allocation_id=holder.id, allocation_name=holder.name, owner_uid=holder.owner_uid)
+        )
+    return message
+
+
+def _allocation_to_pb(allocation: Allocation, view: HostView) -> pb.Allocation:
+    leased = leased_partitions(allocation, view.inventory)
+    state, reason = view.ledger.allocation_state(allocation)
+    return pb.Allocation(
+        id=allocation.id,
+        name=allocation.name,
+        owner_uid=allocation.owner_uid,
+        owner_gid=allocation.owner_gid,
+        partitions=[
+            pb.AllocatedPartition(
+                gpu_index=lp.gpu.index if lp.gpu is not None else 0,
+                gpu_bdf=lp.ref.gpu_bdf,
+                partition_id=lp.ref.partition_id,
+                bdf=lp.partition.bdf if lp.partition is not None else "",
+                render_node=lp.partition.render_node if lp.partition is not None else "",
+                hip_index=lp.partition.hip_index if lp.partition is not None else 0,
+                memory_pool=lp.pool,
+                memory_bytes=allocation.memory_bytes_per_partition,
+            )
+            for lp in leased
+        ],
+        memory_bytes_per_partition=allocation.memory_bytes_per_partition,
+        memory_bytes_total=allocation.memory_bytes_total,
+        environment=lease_environment(allocation, leased),
+        device_nodes=device_nodes(leased),
+        placement_reason=allocation.placement_reason,
+        created_at=_timestamp(allocation.created_at),
+        state=pb.ALLOCATION_STATE_ACTIVE if state.value == "active" else pb.ALLOCATION_STATE_DEGRADED,
+        state_reason=reason,
+        policy=POLICY_TO_PB[allocation.policy],
+    )
