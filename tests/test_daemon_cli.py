@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from tests.conftest import REPO, Daemon
 
@@ -266,3 +268,12 @@ def test_fake_amdsmi_backend_serves_end_to_end(tmp_short: Path) -> None:
         assert allocation["partitions"][0]["memory_pool"] == 0
     finally:
         assert d.stop() == 0, d.log()
+
+
+def test_server_reflection_lists_the_services(daemon: Daemon) -> None:
+    with grpc.insecure_channel(f"unix:{daemon.socket}") as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        assert {"gpushare.v1.Gpushare", "grpc.health.v1.Health"} <= services
+        descriptor = database.FindFileContainingSymbol("gpushare.v1.Gpushare")
+        assert descriptor.package == "gpushare.v1"

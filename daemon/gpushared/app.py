@@ -161,7 +161,9 @@ class Daemon:
                 "group %r (daemon.%s) does not exist: %s",
                 name,
                 key,
-                "only root is admin" if key == "admin_group" else "only root can use the socket",
+                "only root is admin"
+                if key == "admin_group"
+                else f"the socket keeps the daemon's own group (gid {os.getegid()})",
                 extra={"fix": f"groupadd --system {name}"},
             )
         return gid
