@@ -175,6 +175,10 @@ class Daemon:
 
     async def run(self) -> None:
         config = self.config
+        # Handlers first, so a SIGTERM during a slow start still ends in an orderly stop.
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
         # One daemon per state directory: two would split the allocation record and the emulator's hardware.
         lock = hold_lock(config.state_dir)
         try:
@@ -206,8 +210,6 @@ class Daemon:
             socket_gid=socket_gid,
         )
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.reload(service))
         await server.start()
         partitions = len(inventory.partitions())
@@ -238,6 +240,10 @@ class Daemon:
                 inventory = await asyncio.to_thread(backend.observe)
             except GpushareError as exc:
                 log.warning("hardware observation failed: %s", exc, extra={"event": "observe_failed"})
+                continue
+            except Exception:
+                # Keep serving from the last observation; a dead refresher would freeze it silently.
+                log.exception("hardware observation crashed", extra={"event": "observe_failed"})
                 continue
             service.update_inventory(inventory, time.time())
 

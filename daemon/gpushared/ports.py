@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from gpushared.domain.allocation import Allocation
@@ -45,15 +47,28 @@ class GpuBackend(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class AllocationAdded:
+    allocation: Allocation
+
+
+@dataclass(frozen=True)
+class AllocationRemoved:
+    allocation_id: str
+
+
+StoreChange = AllocationAdded | AllocationRemoved
+
+
 class AllocationStore(Protocol):
-    """Durable record of allocations. Each call is one crash-safe transaction."""
+    """Durable record of allocations."""
 
     def load(self) -> list[Allocation]:
         """Every allocation recorded; raises ``StateError`` naming the file when it cannot be trusted."""
         ...
 
-    def add(self, allocation: Allocation) -> None: ...
-
-    def remove(self, allocation_id: str) -> None: ...
+    def apply(self, changes: Sequence[StoreChange]) -> None:
+        """Record the changes, in order, in one crash-safe transaction: all of them or none."""
+        ...
 
     def close(self) -> None: ...

@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 
 from gpushared.domain.allocation import Allocation, PartitionRef, PlacementPolicy
-from gpushared.domain.errors import StateError
+from gpushared.domain.errors import StateError, StateWriteError
+from gpushared.ports import AllocationAdded, AllocationRemoved, StoreChange
 
 SCHEMA_VERSION = 1
 DB_NAME = "gpushared.db"
@@ -107,27 +109,44 @@ class SqliteAllocationStore:
                 ) from exc
         return allocations
 
+    def apply(self, changes: Sequence[StoreChange]) -> None:
+        """One transaction, so one fsync, for a whole batch of changes (group commit)."""
+        try:
+            with self._transaction():
+                for change in changes:
+                    if isinstance(change, AllocationAdded):
+                        self._insert(change.allocation)
+                    else:
+                        self._db.execute("DELETE FROM allocation WHERE id = ?", (change.allocation_id,))
+        except sqlite3.OperationalError as exc:
+            # Disk full, I/O error, read-only file system: the transaction rolled back as a whole.
+            raise StateWriteError(
+                f"state file {self.path}: cannot record the change ({exc}); nothing was changed",
+                hint=f"free space or fix the file system under {self.path.parent}, then retry",
+            ) from exc
+
     def add(self, allocation: Allocation) -> None:
-        partitions = json.dumps([[r.gpu_bdf, r.partition_id] for r in allocation.partitions])
-        with self._transaction():
-            self._db.execute(
-                "INSERT INTO allocation VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    allocation.id,
-                    allocation.name,
-                    allocation.owner_uid,
-                    allocation.owner_gid,
-                    partitions,
-                    allocation.memory_bytes_per_partition,
-                    str(allocation.policy),
-                    allocation.placement_reason,
-                    allocation.created_at,
-                ),
-            )
+        self.apply([AllocationAdded(allocation)])
 
     def remove(self, allocation_id: str) -> None:
-        with self._transaction():
-            self._db.execute("DELETE FROM allocation WHERE id = ?", (allocation_id,))
+        self.apply([AllocationRemoved(allocation_id)])
+
+    def _insert(self, allocation: Allocation) -> None:
+        partitions = json.dumps([[r.gpu_bdf, r.partition_id] for r in allocation.partitions])
+        self._db.execute(
+            "INSERT INTO allocation VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                allocation.id,
+                allocation.name,
+                allocation.owner_uid,
+                allocation.owner_gid,
+                partitions,
+                allocation.memory_bytes_per_partition,
+                str(allocation.policy),
+                allocation.placement_reason,
+                allocation.created_at,
+            ),
+        )
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
@@ -144,4 +163,16 @@ class _Transaction:
         self._db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        if exc_type is None:
+            try:
+                self._db.execute("COMMIT")
+                return
+            except sqlite3.Error:
+                self._rollback()
+                raise
+        self._rollback()
+
+    def _rollback(self) -> None:
+        # A failed COMMIT may already have rolled back; never let that hide the original error.
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")

@@ -71,5 +71,9 @@ class StateError(GpushareError):
     """The persisted state cannot be used (corrupt, unreadable, newer version)."""
 
 
+class StateWriteError(GpushareError):
+    """A change could not be made durable (disk full, I/O error); nothing was changed."""
+
+
 class ConfigError(GpushareError):
     """The configuration file is invalid."""

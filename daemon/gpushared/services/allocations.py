@@ -20,9 +20,10 @@ from gpushared.domain.allocation import (
     validate_request,
 )
 from gpushared.domain.caller import Caller, authorize_release
-from gpushared.domain.errors import NotFound
+from gpushared.domain.errors import FailedPrecondition, NotFound
 from gpushared.domain.gpu import HostInventory
-from gpushared.ports import AllocationStore
+from gpushared.ports import AllocationAdded, AllocationRemoved, AllocationStore
+from gpushared.services.commit import GroupCommit
 
 log = logging.getLogger("gpushared.allocations")
 
@@ -51,9 +52,9 @@ def new_allocation_id() -> str:
 
 
 class AllocationService:
-    """Single writer of allocations. Methods run on the event loop thread, so none of them yield
-    between reading the ledger and recording the result: two requests can never both see a
-    partition as free."""
+    """Single writer of allocations. Methods run on the event loop thread and decide (read the
+    ledger, place, reserve) without yielding, so two requests can never both see a partition as
+    free; only then do they wait for the change to be durable."""
 
     def __init__(
         self,
@@ -65,7 +66,8 @@ class AllocationService:
         clock: Callable[[], float] = time.time,
         id_factory: Callable[[], str] = new_allocation_id,
     ) -> None:
-        self._store = store
+        self._commit = GroupCommit(store)
+        self._releasing: set[str] = set()
         self._policy = policy
         self._clock = clock
         self._new_id = id_factory
@@ -87,7 +89,7 @@ class AllocationService:
         ledger = self._view.ledger
         self._view = HostView(inventory, Ledger(inventory, ledger.allocations.values(), ledger.degraded), observed_at)
 
-    def allocate(self, caller: Caller, request: AllocationRequest) -> Allocation:
+    async def allocate(self, caller: Caller, request: AllocationRequest) -> Allocation:
         validate_request(request)
         ledger = self._view.ledger
         if not caller.admin:
@@ -106,9 +108,14 @@ class AllocationService:
             placement_reason=placement.reason,
             created_at=self._clock(),
         )
-        # Durable first: if the write fails, nothing was handed out and the view is unchanged.
-        self._store.add(allocation)
+        # Reserve before waiting for the disk, so concurrent requests see the partitions taken;
+        # the lease is handed out only once it is durable, and undone if it cannot be.
         self._replace_allocations([*ledger.allocations.values(), allocation])
+        try:
+            await self._commit.record(AllocationAdded(allocation))
+        except BaseException:
+            self._drop(allocation.id)
+            raise
         log.info(
             "allocated %s to %s: %s",
             allocation.id,
@@ -118,11 +125,19 @@ class AllocationService:
         )
         return allocation
 
-    def release(self, caller: Caller, allocation_id: str) -> Allocation:
+    async def release(self, caller: Caller, allocation_id: str) -> Allocation:
         allocation = self.get(allocation_id)
         authorize_release(caller, allocation)
-        self._store.remove(allocation.id)
-        self._replace_allocations([a for a in self._view.ledger.allocations.values() if a.id != allocation.id])
+        if allocation.id in self._releasing:
+            raise FailedPrecondition(f"allocation {allocation.id}: already being released")
+        # The partitions stay reserved until the removal is durable: freed earlier, a crash
+        # could bring the allocation back after someone else had been given its partitions.
+        self._releasing.add(allocation.id)
+        try:
+            await self._commit.record(AllocationRemoved(allocation.id))
+        finally:
+            self._releasing.discard(allocation.id)
+        self._drop(allocation.id)
         log.info(
             "released %s (owner uid %d) by %s",
             allocation.id,
@@ -131,6 +146,9 @@ class AllocationService:
             extra={"event": "release", "allocation": allocation.id, "uid": caller.uid, "pid": caller.pid},
         )
         return allocation
+
+    def _drop(self, allocation_id: str) -> None:
+        self._replace_allocations([a for a in self._view.ledger.allocations.values() if a.id != allocation_id])
 
     def get(self, allocation_id: str) -> Allocation:
         validate_allocation_id(allocation_id)

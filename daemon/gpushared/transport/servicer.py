@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -87,7 +88,7 @@ class GpushareServicer:
         self._auth = auth
         self._backend = backend_name
         self._started = time.monotonic()
-        methods: dict[str, tuple[type[Message], Callable[[Caller, Any], Message]]] = {
+        methods: dict[str, tuple[type[Message], Callable[[Caller, Any], Message | Awaitable[Message]]]] = {
             "GetStatus": (pb.GetStatusRequest, self._get_status),
             "ListGpus": (pb.ListGpusRequest, self._list_gpus),
             "ListPartitions": (pb.ListPartitionsRequest, self._list_partitions),
@@ -113,7 +114,7 @@ class GpushareServicer:
         return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)
 
     def _bind(
-        self, name: str, request_type: type[Message], handler: Callable[[Caller, Any], Message]
+        self, name: str, request_type: type[Message], handler: Callable[[Caller, Any], Message | Awaitable[Message]]
     ) -> Callable[[bytes, grpc.aio.ServicerContext[bytes, Message]], Awaitable[Message]]:
         async def call(raw: bytes, context: grpc.aio.ServicerContext[bytes, Message]) -> Message:
             try:
@@ -125,7 +126,8 @@ class GpushareServicer:
                         f"request: not a valid {request_type.DESCRIPTOR.full_name} message",
                         hint="use a client generated from gpushare.proto",
                     ) from None
-                return handler(caller, request)
+                response = handler(caller, request)
+                return await response if inspect.isawaitable(response) else response
             except GpushareError as exc:
                 if exc.hint:
                     context.set_trailing_metadata(((HINT_METADATA_KEY, exc.hint),))
@@ -169,13 +171,13 @@ class GpushareServicer:
             partitions=[_partition_to_pb(g, p, view.ledger) for g in view.inventory.gpus for p in g.partitions]
         )
 
-    def _allocate(self, caller: Caller, request: pb.AllocateRequest) -> pb.AllocateResponse:
-        allocation = self._allocations.allocate(caller, _request_from_pb(request))
+    async def _allocate(self, caller: Caller, request: pb.AllocateRequest) -> pb.AllocateResponse:
+        allocation = await self._allocations.allocate(caller, _request_from_pb(request))
         return pb.AllocateResponse(allocation=_allocation_to_pb(allocation, self._allocations.view))
 
-    def _release(self, caller: Caller, request: pb.ReleaseRequest) -> pb.ReleaseResponse:
+    async def _release(self, caller: Caller, request: pb.ReleaseRequest) -> pb.ReleaseResponse:
         view = self._allocations.view
-        allocation = self._allocations.release(caller, request.id)
+        allocation = await self._allocations.release(caller, request.id)
         return pb.ReleaseResponse(allocation=_allocation_to_pb(allocation, view))
 
     def _list_allocations(self, caller: Caller, request: pb.ListAllocationsRequest) -> pb.ListAllocationsResponse:

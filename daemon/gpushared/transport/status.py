@@ -20,6 +20,7 @@ ERROR_STATUS: dict[type[errors.GpushareError], grpc.StatusCode] = {
     errors.BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.HardwareError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.StateError: grpc.StatusCode.INTERNAL,
+    errors.StateWriteError: grpc.StatusCode.UNAVAILABLE,
     errors.ConfigError: grpc.StatusCode.INTERNAL,
 }
 
