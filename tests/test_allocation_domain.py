@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from gpushared.domain.allocation import (
     Allocation,
     AllocationRequest,
@@ -20,9 +23,6 @@ from gpushared.domain.allocation import (
 from gpushared.domain.errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded, ResourceExhausted
 from gpushared.domain.gpu import GIB, MIB, ComputePartition, HostInventory, MemoryPartition
 from gpushared.domain.units import format_bytes, parse_size
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from tests.inventory import MI300X_VRAM, make_inventory
 
 SPREAD = PlacementPolicy.SPREAD

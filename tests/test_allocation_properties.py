@@ -7,15 +7,15 @@ import shutil
 
 import grpc
 import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
 from gpushared.adapters.amdsmi_gpu import AmdSmiGpuBackend
 from gpushared.adapters.emulated_amdsmi import EmulatedAmdSmi
 from gpushared.api.v1 import gpushare_pb2 as pb
 from gpushared.api.v1 import gpushare_pb2_grpc as pb_grpc
 from gpushared.domain.gpu import ComputePartition, MemoryPartition
-from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-
 from tests.conftest import Daemon, short_dir
 
 GIB = 1024**3

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from gpushared.adapters.amdsmi_gpu import AmdSmiGpuBackend, load_amdsmi
 from gpushared.domain.errors import BackendUnavailable, HardwareError, NotFound
 from gpushared.domain.gpu import GIB, MIB, VALID_COMBINATIONS, ComputePartition, MemoryPartition
 from gpushared.ports import GpuBackend
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 FAKES = Path(__file__).parent / "fakes"
 DAEMON = Path(__file__).parent.parent / "daemon"

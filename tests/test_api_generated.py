@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from gpushared.api.v1 import gpushare_pb2 as pb
 
+from gpushared.api.v1 import gpushare_pb2 as pb
 from tests.conftest import REPO
 
 GENERATED = ("gpushare_pb2.py", "gpushare_pb2.pyi", "gpushare_pb2_grpc.py", "gpushare_pb2_grpc.pyi")

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from gpushared.api.v1 import gpushare_pb2 as pb
-from gpushared.api.v1 import gpushare_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gpushared.api.v1 import gpushare_pb2 as pb
+from gpushared.api.v1 import gpushare_pb2_grpc as pb_grpc
 from tests.conftest import Daemon
 
 SOCKET_GID = 4300  # the socket's group: members may connect

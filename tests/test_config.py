@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from gpushared.config import DaemonConfig, load_config, reload_changes
 from gpushared.domain.allocation import PlacementPolicy, Quota
 from gpushared.domain.errors import ConfigError

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from gpushared.adapters.emulated_amdsmi import (
     AmdSmiBdfFormatException,
     AmdSmiComputePartitionType,

@@ -22,9 +22,10 @@ from typing import Any
 
 import grpc
 import pytest
-from gpushared.transport.front_door import FrontDoor, FrontDoorError, PeerIdentity, identity_from_peer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+
+from gpushared.transport.front_door import FrontDoor, FrontDoorError, PeerIdentity, identity_from_peer
 
 OTHER_UID = 4242
 OTHER_GID = 4242

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from gpushared.adapters.amdsmi_gpu import AmdSmiGpuBackend
 from gpushared.adapters.emulated_amdsmi import EmulatedAmdSmi
 from gpushared.domain.errors import HardwareError, NotFound

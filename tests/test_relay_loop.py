@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
 from gpushared.transport.front_door import _Relay, identity_from_peer
 
 

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from gpushared.adapters.sqlite_state import DB_NAME, SqliteAllocationStore
 from gpushared.domain.allocation import Allocation, PartitionRef, PlacementPolicy
 from gpushared.domain.errors import StateError

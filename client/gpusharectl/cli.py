@@ -6,10 +6,6 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from gpushared.api.v1 import gpushare_pb2 as pb
-from gpushared.domain.errors import InvalidArgument
-from gpushared.domain.units import format_bytes, parse_size
-
 from gpusharectl import render
 from gpusharectl.client import (
     DEFAULT_SOCKET,
@@ -21,6 +17,9 @@ from gpusharectl.client import (
     CtlError,
     socket_path,
 )
+from gpushared.api.v1 import gpushare_pb2 as pb
+from gpushared.domain.errors import InvalidArgument
+from gpushared.domain.units import format_bytes, parse_size
 
 COMPUTE = {
     "SPX": pb.COMPUTE_PARTITION_SPX,

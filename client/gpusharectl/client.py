@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2
+
 from gpushared.api.v1 import gpushare_pb2 as pb
 from gpushared.api.v1 import gpushare_pb2_grpc as pb_grpc
-from grpc_health.v1 import health_pb2
 
 DEFAULT_SOCKET = Path("/run/gpushared/gpushared.sock")
 SOCKET_ENV = "GPUSHARE_SOCKET"

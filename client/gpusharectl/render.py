@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
+
 from gpushared.api.v1 import gpushare_pb2 as pb
 from gpushared.domain.units import format_bytes
 
