@@ -111,11 +111,7 @@ class AllocationService:
         # Reserve before waiting for the disk, so concurrent requests see the partitions taken;
         # the lease is handed out only once it is durable, and undone if it cannot be.
         self._replace_allocations([*ledger.allocations.values(), allocation])
-        try:
-            await self._commit.record(AllocationAdded(allocation))
-        except BaseException:
-            self._drop(allocation.id)
-            raise
+        await self._commit.record(AllocationAdded(allocation), undo=lambda: self._drop(allocation.id))
         log.info(
             "allocated %s to %s: %s",
             allocation.id,
@@ -133,11 +129,14 @@ class AllocationService:
         # The partitions stay reserved until the removal is durable: freed earlier, a crash
         # could bring the allocation back after someone else had been given its partitions.
         self._releasing.add(allocation.id)
-        try:
-            await self._commit.record(AllocationRemoved(allocation.id))
-        finally:
+
+        def released() -> None:
             self._releasing.discard(allocation.id)
-        self._drop(allocation.id)
+            self._drop(allocation.id)
+
+        await self._commit.record(
+            AllocationRemoved(allocation.id), then=released, undo=lambda: self._releasing.discard(allocation.id)
+        )
         log.info(
             "released %s (owner uid %d) by %s",
             allocation.id,
