@@ -47,6 +47,7 @@ def test_gpus_lists_eight_mi300x_in_spx_nps1(daemon: Daemon) -> None:
         assert "AMD Instinct MI300X" in line
         assert line.split()[5:] == ["SPX", "NPS1", "1", "196592", "MiB", "0", "B", "196592", "MiB"]
     gpus = json.loads(ok(daemon.ctl("--json", "gpus")))["gpus"]
+    assert json.loads(ok(daemon.ctl("gpus", "--json")))["gpus"] == gpus
     assert len(gpus) == 8
     assert {g["memory_total_bytes"] for g in gpus} == {str(196592 * MIB)}
     assert {g["compute_partition"] for g in gpus} == {"COMPUTE_PARTITION_SPX"}

@@ -65,13 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", action="store_true", help="print the API response as JSON (proto field names)")
     parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="per-call deadline (default 10)")
+    # --json also after the command (`gpusharectl gpus --json`); SUPPRESS keeps the global value.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the API response as JSON")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    commands.add_parser("status", help="daemon version, backend, uptime and counts")
-    commands.add_parser("gpus", help="physical GPUs: modes, memory and pools")
-    commands.add_parser("partitions", help="logical devices: identifiers, caps and who holds them")
+    commands.add_parser("status", parents=[common], help="daemon version, backend, uptime and counts")
+    commands.add_parser("gpus", parents=[common], help="physical GPUs: modes, memory and pools")
+    commands.add_parser("partitions", parents=[common], help="logical devices: identifiers, caps and who holds them")
     allocate = commands.add_parser(
         "allocate",
+        parents=[common],
         help="reserve partitions and memory for a workload",
         description="Reserve partitions and pool memory. The memory is the total; it is split evenly over the partitions.",
     )
@@ -84,12 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     allocate.add_argument("--name", default="", help="a label: up to 63 of A-Z a-z 0-9 . _ -")
     allocate.add_argument("--policy", choices=sorted(POLICY), help="placement policy (default: the daemon's, spread)")
     allocate.add_argument("--env", action="store_true", help="print only `export VAR=value` lines, for eval")
-    release = commands.add_parser("release", help="give an allocation back (owner or admin)")
+    release = commands.add_parser("release", parents=[common], help="give an allocation back (owner or admin)")
     release.add_argument("id", help="allocation id, e.g. a-0123456789ab")
-    commands.add_parser("list", help="all allocations")
-    show = commands.add_parser("show", help="one allocation in full")
+    commands.add_parser("list", parents=[common], help="all allocations")
+    show = commands.add_parser("show", parents=[common], help="one allocation in full")
     show.add_argument("id", help="allocation id")
-    health = commands.add_parser("health", help="grpc.health.v1 check: exit 0 when serving")
+    health = commands.add_parser("health", parents=[common], help="grpc.health.v1 check: exit 0 when serving")
     health.add_argument("--service", default="", help="service name (default: the whole server)")
     return parser
 
