@@ -68,40 +68,43 @@ def test_identity_from_peer_parses_what_the_relay_writes() -> None:
     assert identity_from_peer(big, PEERS) == PeerIdentity(4294967294, 4294967294, 2147483647)
 
 
-@pytest.mark.parametrize("peer", [
-    "",
-    "unix:",
-    "unix:/",
-    "ipv4:127.0.0.1:5000",
-    "unix-abstract:/run/gpushared/peers/1.2.3.4",
-    "unix:/run/gpushared/other/1.2.3.4",
-    "unix:/run/gpushared/peersX/1.2.3.4",
-    "unix:/run/gpushared/1.2.3.4",
-    "unix:/run/gpushared/peers/../x/1.2.3.4",
-    "unix:/run/gpushared/peers/../peers/1.2.3.4",
-    "unix:/run/gpushared/peers//1.2.3.4",
-    "unix:/run/gpushared/peers/sub/1.2.3.4",
-    "unix:/run/gpushared/peers/1.2.3.4/",
-    "unix:/run/gpushared/peers/a.b.c.d",
-    "unix:/run/gpushared/peers/1.2.x.4",
-    "unix:/run/gpushared/peers/1.2.3.",
-    "unix:/run/gpushared/peers/1.2.3",
-    "unix:/run/gpushared/peers/1.2.3.4.5",
-    "unix:/run/gpushared/peers/-1.2.3.4",
-    "unix:/run/gpushared/peers/1.-2.3.4",
-    "unix:/run/gpushared/peers/1.2.-3.4",
-    "unix:/run/gpushared/peers/+1.2.3.4",
-    "unix:/run/gpushared/peers/01.2.3.4",
-    "unix:/run/gpushared/peers/1.2.3.4\n",
-    "unix:/run/gpushared/peers/ 1.2.3.4",
-    "unix:/run/gpushared/peers/\u0661.2.3.4",  # Arabic-Indic digit: int() would take it
-    "unix:/run/gpushared/peers/4294967295.2.3.4",  # (uid_t)-1
-    "unix:/run/gpushared/peers/1.4294967295.3.4",
-    "unix:/run/gpushared/peers/1.2.2147483648.4",
-    "unix:/run/gpushared/peers/99999999999.2.3.4",
-    " unix:/run/gpushared/peers/1.2.3.4",
-    "UNIX:/run/gpushared/peers/1.2.3.4",
-])
+@pytest.mark.parametrize(
+    "peer",
+    [
+        "",
+        "unix:",
+        "unix:/",
+        "ipv4:127.0.0.1:5000",
+        "unix-abstract:/run/gpushared/peers/1.2.3.4",
+        "unix:/run/gpushared/other/1.2.3.4",
+        "unix:/run/gpushared/peersX/1.2.3.4",
+        "unix:/run/gpushared/1.2.3.4",
+        "unix:/run/gpushared/peers/../x/1.2.3.4",
+        "unix:/run/gpushared/peers/../peers/1.2.3.4",
+        "unix:/run/gpushared/peers//1.2.3.4",
+        "unix:/run/gpushared/peers/sub/1.2.3.4",
+        "unix:/run/gpushared/peers/1.2.3.4/",
+        "unix:/run/gpushared/peers/a.b.c.d",
+        "unix:/run/gpushared/peers/1.2.x.4",
+        "unix:/run/gpushared/peers/1.2.3.",
+        "unix:/run/gpushared/peers/1.2.3",
+        "unix:/run/gpushared/peers/1.2.3.4.5",
+        "unix:/run/gpushared/peers/-1.2.3.4",
+        "unix:/run/gpushared/peers/1.-2.3.4",
+        "unix:/run/gpushared/peers/1.2.-3.4",
+        "unix:/run/gpushared/peers/+1.2.3.4",
+        "unix:/run/gpushared/peers/01.2.3.4",
+        "unix:/run/gpushared/peers/1.2.3.4\n",
+        "unix:/run/gpushared/peers/ 1.2.3.4",
+        "unix:/run/gpushared/peers/\u0661.2.3.4",  # Arabic-Indic digit: int() would take it
+        "unix:/run/gpushared/peers/4294967295.2.3.4",  # (uid_t)-1
+        "unix:/run/gpushared/peers/1.4294967295.3.4",
+        "unix:/run/gpushared/peers/1.2.2147483648.4",
+        "unix:/run/gpushared/peers/99999999999.2.3.4",
+        " unix:/run/gpushared/peers/1.2.3.4",
+        "UNIX:/run/gpushared/peers/1.2.3.4",
+    ],
+)
 def test_identity_from_peer_rejects_everything_else(peer: str) -> None:
     assert identity_from_peer(peer, PEERS) is None
 
@@ -260,8 +263,15 @@ def run_as_other(root: Path, mode: str, *, gid: int = OTHER_GID) -> dict[str, An
     script.chmod(0o755)
     done = subprocess.run(
         [sys.executable, str(script), mode, str(root / "public.sock")],
-        user=OTHER_UID, group=gid, extra_groups=[], cwd="/", capture_output=True, text=True, timeout=90,
-        env={"PATH": "/usr/bin:/bin", "HOME": "/", "LANG": "C.UTF-8"}, check=False,
+        user=OTHER_UID,
+        group=gid,
+        extra_groups=[],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env={"PATH": "/usr/bin:/bin", "HOME": "/", "LANG": "C.UTF-8"},
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     result: dict[str, Any] = json.loads(done.stdout)
@@ -480,8 +490,11 @@ def test_helper_dies_with_the_daemon(env: Env) -> None:
         "time.sleep(600)\n"
     )
     pythonpath = os.pathsep.join([str(REPO / "daemon"), os.environ.get("PYTHONPATH", "")])
-    daemon = subprocess.Popen([sys.executable, str(script), str(env.public), str(env.internal), str(env.peers)],
-                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": pythonpath})
+    daemon = subprocess.Popen(
+        [sys.executable, str(script), str(env.public), str(env.internal), str(env.peers)],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": pythonpath},
+    )
     try:
         assert daemon.stdout is not None
         assert daemon.stdout.readline() == b"started\n"

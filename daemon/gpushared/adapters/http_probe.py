@@ -1,0 +1,71 @@
+"""Health and readiness probes of a model server on loopback: GET /health and /v1/models over asyncio streams."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+
+LOOPBACK = "127.0.0.1"
+# /v1/models lists a handful of names; anything larger is not a model server we started.
+_MAX_BODY = 1 << 20
+
+
+class HttpProbe:
+    """Every request is bounded by ``timeout``: a hung server (accepts, never answers) counts as a failed probe."""
+
+    def __init__(self, *, host: str = LOOPBACK, timeout: float = 2.0) -> None:
+        self.host = host
+        self.timeout = timeout
+
+    async def get(self, port: int, path: str) -> tuple[int, bytes]:
+        """Status and body of GET ``path``; raises OSError, TimeoutError or ValueError (not HTTP)."""
+        async with asyncio.timeout(self.timeout):
+            reader, writer = await asyncio.open_connection(self.host, port)
+            try:
+                writer.write(
+                    f"GET {path} HTTP/1.1\r\nHost: {self.host}:{port}\r\nAccept: application/json\r\n"
+                    "Connection: close\r\n\r\n".encode()
+                )
+                await writer.drain()
+                status_line = await reader.readline()
+                parts = status_line.decode("latin-1").split()
+                if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+                    raise ValueError(f"not an HTTP response: {status_line[:80]!r}")
+                length: int | None = None
+                while True:
+                    line = await reader.readline()
+                    if line in (b"\r\n", b"\n", b""):
+                        break
+                    name, _, value = line.decode("latin-1").partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value.strip())
+                if length is not None:
+                    body = await reader.readexactly(min(length, _MAX_BODY))
+                else:
+                    body = await reader.read(_MAX_BODY)  # Connection: close, so EOF ends the body
+                return int(parts[1]), body
+            finally:
+                writer.close()
+                # A hung peer may never acknowledge the close; the surrounding timeout still bounds this wait.
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+
+    async def health(self, port: int) -> bool:
+        try:
+            status, _ = await self.get(port, "/health")
+        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):
+            return False
+        return status == 200
+
+    async def ready(self, port: int, served_name: str) -> bool:
+        if not await self.health(port):
+            return False
+        try:
+            status, body = await self.get(port, "/v1/models")
+            listing = json.loads(body)
+        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):
+            return False
+        if status != 200 or not isinstance(listing, dict) or not isinstance(listing.get("data"), list):
+            return False
+        return any(isinstance(entry, dict) and entry.get("id") == served_name for entry in listing["data"])
