@@ -307,8 +307,7 @@ class _Server:
         base.mkdir()
         self.design = design
         argv = [sys.executable, __file__, "--serve", design, str(base), *(["busy"] if busy else [])]
-        self.proc = subprocess.Popen(argv,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env())
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env())
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().split()
         if line[:1] != ["READY"]:
@@ -319,8 +318,13 @@ class _Server:
     def measure(self, calls: int, duration: float) -> dict[str, float]:
         out: dict[str, float] = {}
         for kind, amount in (("latency", calls), ("throughput", duration)):
-            done = subprocess.run([sys.executable, __file__, "--client", self.target, kind, str(amount)],
-                                  capture_output=True, text=True, check=True, env=_env())
+            done = subprocess.run(
+                [sys.executable, __file__, "--client", self.target, kind, str(amount)],
+                capture_output=True,
+                text=True,
+                check=True,
+                env=_env(),
+            )
             out |= json.loads(done.stdout)
         return out
 
@@ -360,8 +364,10 @@ def _drive(args: argparse.Namespace) -> None:
                 relayed = servers[design].measure(args.calls, args.duration)
                 rows[design].append((bare, relayed))
                 if not args.json:
-                    print(f"round {rnd + 1}/{args.rounds} {design:13s} bare {_fmt(bare)} | relayed {_fmt(relayed)}",
-                          flush=True)
+                    print(
+                        f"round {rnd + 1}/{args.rounds} {design:13s} bare {_fmt(bare)} | relayed {_fmt(relayed)}",
+                        flush=True,
+                    )
     finally:
         for server in servers.values():
             server.close()
@@ -375,22 +381,36 @@ def _drive(args: argparse.Namespace) -> None:
                 "relayed": statistics.median(r[key] for _, r in pairs),
                 "ratio": statistics.median(r[key] / b[key] for b, r in pairs),
             }
-        entry["meets_targets"] = (entry["p50"]["ratio"] <= TARGETS["p50"] and entry["p99"]["ratio"] <= TARGETS["p99"]
-                                  and entry["rps"]["ratio"] >= TARGETS["rps"])
+        entry["meets_targets"] = (
+            entry["p50"]["ratio"] <= TARGETS["p50"]
+            and entry["p99"]["ratio"] <= TARGETS["p99"]
+            and entry["rps"]["ratio"] >= TARGETS["rps"]
+        )
         summary[design] = entry
-    meta = {"busy_server": args.busy_server, "calls": args.calls, "rounds": args.rounds, "duration_s": args.duration, "concurrency": CONCURRENCY,
-            "warmup": WARMUP, "cpus": os.cpu_count()}
+    meta = {
+        "busy_server": args.busy_server,
+        "calls": args.calls,
+        "rounds": args.rounds,
+        "duration_s": args.duration,
+        "concurrency": CONCURRENCY,
+        "warmup": WARMUP,
+        "cpus": os.cpu_count(),
+    }
     if args.json:
         print(json.dumps({"meta": meta, "designs": summary}, indent=2))
         return
-    print(f"\nmedians over {args.rounds} ABAB rounds; ratio = median of per-round relayed/bare "
-          f"(targets p50<={TARGETS['p50']}x p99<={TARGETS['p99']}x rps>={TARGETS['rps']}x)")
+    print(
+        f"\nmedians over {args.rounds} ABAB rounds; ratio = median of per-round relayed/bare "
+        f"(targets p50<={TARGETS['p50']}x p99<={TARGETS['p99']}x rps>={TARGETS['rps']}x)"
+    )
     print(f"{'design':13s} {'p50 ms bare->relay':>22s} {'p99 ms bare->relay':>22s} {'rps@16 bare->relay':>24s}")
     for design, e in summary.items():
         cells = [f"{e[k]['bare']:.3f}->{e[k]['relayed']:.3f} {e[k]['ratio']:.2f}x" for k in ("p50", "p99")]
         cells.append(f"{e['rps']['bare']:.0f}->{e['rps']['relayed']:.0f} {e['rps']['ratio']:.2f}x")
-        print(f"{design:13s} {cells[0]:>22s} {cells[1]:>22s} {cells[2]:>24s}"
-              f"  {'ok' if e['meets_targets'] else 'MISSES TARGET'}")
+        print(
+            f"{design:13s} {cells[0]:>22s} {cells[1]:>22s} {cells[2]:>24s}"
+            f"  {'ok' if e['meets_targets'] else 'MISSES TARGET'}"
+        )
 
 
 def _fmt(m: dict[str, float]) -> str:
@@ -410,8 +430,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="ABAB rounds per design")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds of the 16-in-flight throughput run")
     parser.add_argument("--designs", default="frontdoor", help=f"comma list of {', '.join(DESIGNS)}, or 'all'")
-    parser.add_argument("--busy-server", action="store_true",
-                        help="add a Python thread busy 20%% of the time to every server process (GIL pressure)")
+    parser.add_argument(
+        "--busy-server",
+        action="store_true",
+        help="add a Python thread busy 20%% of the time to every server process (GIL pressure)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON summary instead of tables")
     _drive(parser.parse_args())
 
