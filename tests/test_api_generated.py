@@ -55,6 +55,10 @@ def test_every_rpc_and_enum_follows_the_api_rules() -> None:
         "Release",
         "ListAllocations",
         "GetAllocation",
+        "Serve",
+        "Stop",
+        "ListModels",
+        "GetModel",
     }
     for enum in pb.DESCRIPTOR.enum_types_by_name.values():
         assert enum.values_by_number[0].name.endswith("_UNSPECIFIED"), enum.name

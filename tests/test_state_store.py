@@ -11,9 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from gpushared.adapters import sqlite_state
 from gpushared.adapters.sqlite_state import DB_NAME, SqliteAllocationStore
 from gpushared.domain.allocation import Allocation, PartitionRef, PlacementPolicy
 from gpushared.domain.errors import StateError
+from gpushared.domain.model import ModelSpec
+from gpushared.domain.served_model import ServedModel
+from gpushared.ports import ModelDeleted, ModelSaved
 
 
 def allocation(n: int) -> Allocation:
@@ -97,7 +101,7 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / DB_NAME)
     db.execute("PRAGMA user_version=7")
     db.close()
-    with pytest.raises(StateError, match=r"written by a newer gpushared \(schema 7; this one reads 1\)"):
+    with pytest.raises(StateError, match=r"written by a newer gpushared \(schema 7; this one reads 2\)"):
         SqliteAllocationStore(tmp_path)
 
 
@@ -129,3 +133,32 @@ def test_state_dir_that_cannot_be_created(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(StateError, match=f"state directory {blocker}/state: cannot create it"):
         SqliteAllocationStore(blocker / "state")
+
+
+def test_schema_1_is_upgraded_in_place_keeping_allocations(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    db.executescript(f"{sqlite_state._SCHEMA} PRAGMA user_version=1;")
+    db.execute(
+        "INSERT INTO allocation VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        ("a-000000000001", "old", 7, 7, '[["0000:05:00.0", 0]]', 5, "spread", "r", 1.0),
+    )
+    db.commit()
+    db.close()
+    store = SqliteAllocationStore(tmp_path)
+    assert [a.name for a in store.load()] == ["old"]
+    assert store.load_models() == []
+    store.close()
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    db.close()
+
+
+def test_models_round_trip(tmp_path: Path) -> None:
+    spec = ModelSpec(name="m1", model="org/model", engine="stub", options=(("enable-prefix-caching", ""),))
+    model = ServedModel("m1", spec, "a-000000000001", 1000, 1000, 1000, 8100, 5.0)
+    store = SqliteAllocationStore(tmp_path)
+    store.apply([ModelSaved(model), ModelSaved(model.with_child(42, 99))])
+    assert store.load_models() == [model.with_child(42, 99)]
+    store.apply([ModelDeleted("m1")])
+    assert store.load_models() == []
+    store.close()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 from gpusharectl import render
@@ -28,6 +30,9 @@ COMPUTE = {
     "CPX": pb.COMPUTE_PARTITION_CPX,
 }
 POLICY = {"spread": pb.PLACEMENT_POLICY_SPREAD, "pack": pb.PLACEMENT_POLICY_PACK}
+ENGINE = {"vllm": pb.ENGINE_VLLM, "stub": pb.ENGINE_STUB}
+
+ALLOCATION_ID = re.compile(r"a-[0-9a-f]{12}")
 
 EPILOG = """\
 exit codes: 0 ok, 1 the daemon refused (reason printed), 2 usage error,
@@ -93,6 +98,34 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("list", parents=[common], help="all allocations")
     show = commands.add_parser("show", parents=[common], help="one allocation in full")
     show.add_argument("id", help="allocation id")
+    serve = commands.add_parser(
+        "serve",
+        parents=[common],
+        help="serve a model: allocate partitions and start a supervised engine",
+        description="Allocate partitions for MODEL (a hub id org/name or an absolute path) and start one "
+        "supervised engine child on them, as your uid. Prints the endpoint.",
+    )
+    serve.add_argument("model", help="hub id (org/name) or absolute path")
+    serve.add_argument("--name", help="gpushare name of the model (default: derived from MODEL)")
+    serve.add_argument("--engine", choices=sorted(ENGINE), default="vllm", help="vllm (default) or stub")
+    serve.add_argument(
+        "--memory", type=_size, metavar="SIZE", help="total memory budget (default: 90%% of each partition)"
+    )
+    serve.add_argument("--partitions", type=_count, default=1, metavar="N", help="tensor parallel size (default 1)")
+    serve.add_argument("--gpu", type=_count, metavar="I", help="place only on GPU I")
+    serve.add_argument("--compute", type=str.upper, choices=sorted(COMPUTE), help="place only on GPUs in this mode")
+    serve.add_argument("--max-model-len", type=_count, metavar="N")
+    serve.add_argument("--dtype", choices=("auto", "half", "float16", "bfloat16", "float", "float32"))
+    serve.add_argument("--max-num-seqs", type=_count, metavar="N")
+    serve.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="extra engine option the admin allows"
+    )
+    serve.add_argument("--wait", action="store_true", help="wait until the model is READY (or FAILED)")
+    serve.add_argument("--wait-timeout", type=float, default=900.0, metavar="SECONDS", help="for --wait (default 900)")
+    stop = commands.add_parser("stop", parents=[common], help="stop a model and release its allocation")
+    stop.add_argument("name")
+    stop.add_argument("--keep-allocation", action="store_true", help="keep the partitions reserved")
+    commands.add_parser("models", parents=[common], help="all served models")
     health = commands.add_parser("health", parents=[common], help="grpc.health.v1 check: exit 0 when serving")
     health.add_argument("--service", default="", help="service name (default: the whole server)")
     return parser
@@ -135,14 +168,73 @@ def _run(args: argparse.Namespace, client: Client) -> int:
         allocations = client.list_allocations()
         out(render.to_json(allocations) if args.json else render.allocations(allocations))
     elif args.command == "show":
-        allocation = client.get_allocation(args.id).allocation
-        out(render.to_json(allocation) if args.json else render.allocation(allocation))
+        if ALLOCATION_ID.fullmatch(args.id):
+            allocation = client.get_allocation(args.id).allocation
+            out(render.to_json(allocation) if args.json else render.allocation(allocation))
+        else:
+            model = client.get_model(args.id).model
+            out(render.to_json(model) if args.json else render.model(model))
+    elif args.command == "serve":
+        return _serve(args, client, out)
+    elif args.command == "stop":
+        stopped = client.stop(args.name, keep_allocation=args.keep_allocation).model
+        out(render.to_json(stopped) if args.json else f"stopped {stopped.name}")
+    elif args.command == "models":
+        models = client.list_models()
+        out(render.to_json(models) if args.json else render.models(models))
     elif args.command == "health":
         response = client.health(args.service)
         name = response.ServingStatus.Name(response.status)
         out(render.to_json(response) if args.json else name)
         return EXIT_OK if name == "SERVING" else EXIT_REFUSED
     return EXIT_OK
+
+
+def _serve(args: argparse.Namespace, client: Client, out: Callable[[str], None]) -> int:
+    name = args.name or args.model.rstrip("/").rsplit("/", 1)[-1]
+    options = []
+    for item in args.option:
+        key, _, value = item.partition("=")
+        options.append(pb.EngineOption(name=key, value=value))
+    spec = pb.ModelSpec(
+        name=name,
+        engine=ENGINE[args.engine],
+        model=args.model,
+        memory_bytes=args.memory or 0,
+        partition_count=args.partitions,
+        max_model_len=args.max_model_len or 0,
+        dtype=args.dtype or "",
+        max_num_seqs=args.max_num_seqs or 0,
+        options=options,
+        compute_partition=COMPUTE.get(args.compute or "", pb.COMPUTE_PARTITION_UNSPECIFIED),
+    )
+    if args.gpu is not None:
+        spec.gpu_index = args.gpu
+    model = client.serve(spec).model
+    if args.wait:
+        model = _wait(client, model, args.wait_timeout, None if args.json else out)
+    out(render.to_json(model) if args.json else f"{model.name}: {render.state_name(model.state)}  {model.endpoint}")
+    return EXIT_OK if not args.wait or model.state == pb.MODEL_STATE_READY else EXIT_REFUSED
+
+
+def _wait(client: Client, model: pb.Model, timeout: float, progress: Callable[[str], None] | None) -> pb.Model:
+    """Poll until READY or FAILED, printing each state change."""
+    deadline = time.monotonic() + timeout
+    shown = -1
+    while True:
+        if model.state != shown and progress is not None:
+            progress(f"{model.name}: {render.state_name(model.state)}")
+            shown = model.state
+        if model.state in (pb.MODEL_STATE_READY, pb.MODEL_STATE_FAILED, pb.MODEL_STATE_STOPPED):
+            return model
+        if time.monotonic() > deadline:
+            raise CtlError(
+                f"model {model.name}: not READY after {timeout:g}s (state {render.state_name(model.state)})",
+                EXIT_REFUSED,
+                hint=f"see `gpusharectl show {model.name}`",
+            )
+        time.sleep(0.2)
+        model = client.get_model(model.name).model
 
 
 def main(argv: Sequence[str] | None = None) -> int:

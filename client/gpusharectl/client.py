@@ -145,5 +145,17 @@ class Client:
     def get_allocation(self, allocation_id: str) -> pb.GetAllocationResponse:
         return self._call(self._stub.GetAllocation, pb.GetAllocationRequest(id=allocation_id))
 
+    def serve(self, spec: pb.ModelSpec) -> pb.ServeResponse:
+        return self._call(self._stub.Serve, pb.ServeRequest(spec=spec))
+
+    def stop(self, name: str, *, keep_allocation: bool) -> pb.StopResponse:
+        return self._call(self._stub.Stop, pb.StopRequest(name=name, keep_allocation=keep_allocation))
+
+    def list_models(self) -> pb.ListModelsResponse:
+        return self._call(self._stub.ListModels, pb.ListModelsRequest())
+
+    def get_model(self, name: str) -> pb.GetModelResponse:
+        return self._call(self._stub.GetModel, pb.GetModelRequest(name=name))
+
     def health(self, service: str = "") -> health_pb2.HealthCheckResponse:
         return self._call(self._health_check, health_pb2.HealthCheckRequest(service=service))

@@ -163,3 +163,45 @@ def allocation(a: pb.Allocation) -> str:
 def env_exports(a: pb.Allocation) -> str:
     """`export VAR=value` lines for eval, values shell-quoted."""
     return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(a.environment.items()))
+
+
+def state_name(value: int) -> str:
+    return _enum(value, pb.ModelState, "MODEL_STATE_").lower()
+
+
+def models(response: pb.ListModelsResponse) -> str:
+    rows = [
+        (
+            m.name,
+            m.spec.model,
+            state_name(m.state),
+            m.endpoint,
+            m.pid or "-",
+            m.restarts,
+            m.allocation_id,
+            user_name(m.run_as_uid),
+        )
+        for m in response.models
+    ]
+    return table(("NAME", "MODEL", "STATE", "ENDPOINT", "PID", "RESTARTS", "ALLOCATION", "RUNS AS"), rows)
+
+
+def model(m: pb.Model) -> str:
+    lines = [
+        f"name        {m.name}",
+        f"model       {m.spec.model} ({_enum(m.spec.engine, pb.Engine, 'ENGINE_').lower()} engine, served as {m.spec.served_name})",
+        f"state       {state_name(m.state)}" + (f": {m.last_error.splitlines()[0]}" if m.last_error else ""),
+        f"endpoint    {m.endpoint}",
+        f"pid         {m.pid or '-'} (runs as {user_name(m.run_as_uid)}, uid {m.run_as_uid})",
+        f"restarts    {m.restarts}",
+        f"allocation  {m.allocation_id}",
+        f"log         {m.log_path}",
+        "transitions",
+    ]
+    for t in m.transitions:
+        when = t.at.ToDatetime().strftime("%H:%M:%S")
+        lines.append(f"  {when}  {state_name(t.source)} -> {state_name(t.target)}: {t.reason}")
+    if m.last_error and "\n" in m.last_error:
+        lines.append("last error")
+        lines.extend(f"  {line}" for line in m.last_error.splitlines())
+    return "\n".join(lines)

@@ -11,12 +11,16 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from gpushared import __version__
+from gpushared import __version__, stub_engine
 from gpushared.adapters.amdsmi_gpu import AmdSmiGpuBackend, load_amdsmi
+from gpushared.adapters.cgroupfs import CgroupError, CgroupFsTree, find_cgroup2_mount, own_cgroup_path
+from gpushared.adapters.child_process import CgroupLauncher
 from gpushared.adapters.emulated_amdsmi import EmulatedAmdSmi, EmulatorStateError
+from gpushared.adapters.http_probe import HttpProbe
 from gpushared.adapters.sqlite_state import SqliteAllocationStore
 from gpushared.adapters.user_db import UserDatabase
 from gpushared.config import DEFAULT_CONFIG_PATH, DaemonConfig, load_config, reload_changes, with_overrides
@@ -24,6 +28,7 @@ from gpushared.domain.errors import ConfigError, GpushareError
 from gpushared.logs import configure_logging, set_level
 from gpushared.ports import GpuBackend
 from gpushared.services.allocations import AllocationPolicy, AllocationService
+from gpushared.services.models import ModelService
 from gpushared.transport.server import ApiServer, peer_dir_for
 from gpushared.transport.servicer import Authenticator, GpushareServicer
 
@@ -75,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), help="log verbosity (default info)"
     )
+    parser.add_argument(
+        "--cgroup-root",
+        type=Path,
+        metavar="PATH",
+        help="cgroup v2 directory for model children (default: the cgroup systemd delegates to gpushared); "
+        "without one, models cannot be served but allocation works",
+    )
+    parser.add_argument(
+        "--stop-models-on-exit",
+        action="store_true",
+        default=None,
+        help="stop every model when gpushared exits (default: models keep running and are re-adopted)",
+    )
     parser.add_argument("--version", action="version", version=f"gpushared {__version__}")
     return parser
 
@@ -94,7 +112,37 @@ def command_line_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "socket": args.socket.absolute() if args.socket else None,
         "state_dir": args.state_dir.absolute() if args.state_dir else None,
         "log_level": args.log_level,
+        "cgroup_root": args.cgroup_root.absolute() if args.cgroup_root else None,
+        "stop_models_on_exit": args.stop_models_on_exit,
     }
+
+
+def open_cgroups(config: DaemonConfig) -> tuple[CgroupFsTree | None, str]:
+    """The model cgroup subtree, with the daemon moved into its supervisor leaf; or why there is none."""
+    root = config.cgroup_root
+    if root is None:
+        own = own_cgroup_path()
+        mount = find_cgroup2_mount()
+        if mount is None:
+            return None, "no cgroup v2 is mounted on this host"
+        # Only a cgroup systemd delegated to us is ours to subdivide; anywhere else we would be a second writer.
+        if "INVOCATION_ID" not in os.environ or own is None or own == mount:
+            return (
+                None,
+                f"no delegated cgroup: run under systemd (Delegate=yes) or pass --cgroup-root {mount}/gpushared",
+            )
+        root = own
+    try:
+        tree = CgroupFsTree(root)
+        support = tree.probe()
+        if not support.writable:
+            return None, support.reason
+        tree.adopt_supervisor(os.getpid())
+    except CgroupError as exc:
+        return None, str(exc)
+    if support.reason:
+        log.warning("cgroup %s: %s", root, support.reason, extra={"event": "cgroup_limits"})
+    return tree, ""
 
 
 def open_backend(config: DaemonConfig) -> GpuBackend:
@@ -123,7 +171,9 @@ def hold_lock(directory: Path) -> int:
     """Take an exclusive lock on ``directory/gpushared.lock`` for the life of the process."""
     path = directory / "gpushared.lock"
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # 0711: model children, running as other uids, must traverse it to reach their homes under
+        # models/; nothing in it can be listed, and each file keeps its own restrictive mode.
+        directory.mkdir(mode=0o711, parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise GpushareError(
@@ -201,10 +251,28 @@ class Daemon:
         config = self.config
         inventory = await asyncio.to_thread(backend.observe)
         service = AllocationService(store, allocation_policy(config, self.users), inventory, observed_at=time.time())
+        tree, problem = open_cgroups(config)
+        if tree is None:
+            log.warning("models cannot be served: %s", problem, extra={"event": "no_cgroup"})
+        serving = config.serving
+        if not serving.stub_launcher:
+            # The stub is standard-library only, so it runs as a file, readable by any model uid.
+            serving = replace(serving, stub_launcher=(sys.executable, "-I", str(Path(stub_engine.__file__))))
+        models = ModelService(
+            service,
+            tree=tree,
+            cgroup_problem=problem,
+            launcher=CgroupLauncher(tree) if tree is not None else None,
+            probe=HttpProbe(),
+            config=serving,
+            state_dir=config.state_dir,
+            base_env=os.environ,
+        )
+        await models.restore(store.load_models())
         socket_gid = self._group("socket_group", config.socket_group)
         auth = Authenticator(peer_dir_for(config.socket), self.is_admin)
         server = ApiServer(
-            GpushareServicer(service, auth, backend.name),
+            GpushareServicer(service, auth, backend.name, models),
             config.socket,
             socket_mode=config.socket_mode,
             socket_gid=socket_gid,
@@ -229,6 +297,7 @@ class Daemon:
             log.info("stopping", extra={"event": "stopping"})
             refresher.cancel()
             await server.stop()
+            await models.shutdown()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
         log.info("stopped", extra={"event": "stopped"})

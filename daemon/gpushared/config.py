@@ -9,6 +9,8 @@ from typing import Any
 
 from gpushared.domain.allocation import PlacementPolicy, Quota
 from gpushared.domain.errors import ConfigError, GpushareError
+from gpushared.domain.model import parse_allowlist
+from gpushared.domain.served_model import ServingConfig
 from gpushared.domain.units import parse_size
 
 DEFAULT_CONFIG_PATH = Path("/etc/gpushared/gpushared.toml")
@@ -30,6 +32,9 @@ class DaemonConfig:
     default_quota: Quota = field(default_factory=Quota)
     user_quotas: dict[str, Quota] = field(default_factory=dict)
     """Keyed by user name or decimal uid, as written in the file."""
+    cgroup_root: Path | None = None
+    """The cgroup v2 subtree for model leaves; None = the daemon's own cgroup when systemd runs it."""
+    serving: ServingConfig = field(default_factory=ServingConfig)
     source: Path | None = None
 
 
@@ -49,6 +54,18 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "emulator": {"gpu_count": int},
     "allocation": {"default_policy": str},
     "quota": {"max_allocations": int, "max_memory": (str, int), "users": dict},
+    "models": {
+        "cgroup_root": str,
+        "port_range": str,
+        "service_account": str,
+        "vllm_launcher": list,
+        "stub_launcher": list,
+        "option_allowlist": list,
+        "grace_seconds": (int, float),
+        "probe_interval_seconds": (int, float),
+        "start_timeout_seconds": (int, float),
+        "stop_models_on_exit": bool,
+    },
 }
 _QUOTA_KEYS: dict[str, type | tuple[type, ...]] = {"max_allocations": int, "max_memory": (str, int)}
 
@@ -116,12 +133,58 @@ def parse_config(data: dict[str, Any], path: Path) -> DaemonConfig:
             _check_type(where, f"{subject}.{key}", value, _QUOTA_KEYS.get(key), _QUOTA_KEYS)
         users[str(user)] = _quota(where, subject, values)
     updates["user_quotas"] = users
+    models = data.get("models", {})
+    if "cgroup_root" in models:
+        updates["cgroup_root"] = _absolute(where, "models.cgroup_root", models["cgroup_root"])
+    updates["serving"] = _serving(where, models)
     return replace(config, **updates)
+
+
+def _serving(where: str, models: dict[str, Any]) -> ServingConfig:
+    serving = ServingConfig()
+    changes: dict[str, Any] = {}
+    if "port_range" in models:
+        low, _, high = models["port_range"].partition("-")
+        if not (low.isdigit() and high.isdigit() and 1024 <= int(low) <= int(high) <= 65535):
+            raise ConfigError(
+                f"config {where}: models.port_range = {models['port_range']!r} is not LOW-HIGH within 1024-65535"
+            )
+        changes["port_low"], changes["port_high"] = int(low), int(high)
+    if "service_account" in models:
+        changes["service_account"] = models["service_account"]
+    for key in ("vllm_launcher", "stub_launcher"):
+        if key in models:
+            launcher = models[key]
+            if not launcher or not all(isinstance(a, str) and a for a in launcher):
+                raise ConfigError(
+                    f'config {where}: models.{key} must be a non-empty list of strings, e.g. ["/opt/vllm/bin/vllm"]'
+                )
+            changes[key] = tuple(launcher)
+    if "option_allowlist" in models:
+        try:
+            changes["option_allowlist"] = parse_allowlist(models["option_allowlist"])
+        except GpushareError as exc:
+            raise ConfigError(f"config {where}: models.option_allowlist: {exc}") from exc
+    for key, attr in (
+        ("grace_seconds", "grace_seconds"),
+        ("probe_interval_seconds", "probe_interval"),
+        ("start_timeout_seconds", "start_timeout"),
+    ):
+        if key in models:
+            if models[key] <= 0:
+                raise ConfigError(f"config {where}: models.{key} must be more than 0")
+            changes[attr] = float(models[key])
+    if "stop_models_on_exit" in models:
+        changes["stop_models_on_exit"] = models["stop_models_on_exit"]
+    return replace(serving, **changes)
 
 
 def with_overrides(config: DaemonConfig, **overrides: Any) -> DaemonConfig:
     """Apply command-line overrides (None = not given)."""
-    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "stop_models_on_exit" in given:
+        given["serving"] = replace(config.serving, stop_models_on_exit=given.pop("stop_models_on_exit"))
+    return replace(config, **given)
 
 
 def reload_changes(old: DaemonConfig, new: DaemonConfig) -> tuple[DaemonConfig, list[str], list[str]]:
@@ -144,7 +207,8 @@ def _check_type(
     if expected is None:
         raise ConfigError(f"config {where}: unknown key {key}", hint=f"known keys here: {', '.join(known)}")
     # bool is an int in Python; TOML true/false is never a valid number here.
-    if isinstance(value, bool) or not isinstance(value, expected):
+    wants_bool = expected is bool
+    if (isinstance(value, bool) and not wants_bool) or not isinstance(value, expected):
         names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
         raise ConfigError(f"config {where}: {key} must be a {names}, not {type(value).__name__}")
 

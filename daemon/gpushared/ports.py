@@ -8,6 +8,7 @@ from typing import Protocol
 
 from gpushared.domain.allocation import Allocation
 from gpushared.domain.gpu import ComputePartition, DeviceProcess, HostInventory, MemoryPartition
+from gpushared.domain.served_model import ServedModel
 
 
 class GpuBackend(Protocol):
@@ -57,14 +58,28 @@ class AllocationRemoved:
     allocation_id: str
 
 
-StoreChange = AllocationAdded | AllocationRemoved
+@dataclass(frozen=True)
+class ModelSaved:
+    model: ServedModel
+
+
+@dataclass(frozen=True)
+class ModelDeleted:
+    name: str
+
+
+StoreChange = AllocationAdded | AllocationRemoved | ModelSaved | ModelDeleted
 
 
 class AllocationStore(Protocol):
-    """Durable record of allocations."""
+    """Durable record of allocations and served models."""
 
     def load(self) -> list[Allocation]:
         """Every allocation recorded; raises ``StateError`` naming the file when it cannot be trusted."""
+        ...
+
+    def load_models(self) -> list[ServedModel]:
+        """Every served model recorded."""
         ...
 
     def apply(self, changes: Sequence[StoreChange]) -> None:

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from gpushared.domain.allocation import Allocation, PartitionRef, PlacementPolicy
 from gpushared.domain.errors import StateError, StateWriteError
-from gpushared.ports import AllocationAdded, AllocationRemoved, StoreChange
+from gpushared.domain.served_model import ServedModel, spec_from_json, spec_to_json
+from gpushared.ports import AllocationAdded, AllocationRemoved, ModelSaved, StoreChange
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "gpushared.db"
 
 _SCHEMA = """
@@ -35,6 +36,24 @@ CREATE TABLE allocation (
 ) STRICT;
 """
 
+_MODEL_TABLE = """
+CREATE TABLE model (
+    name TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    allocation_id TEXT NOT NULL,
+    owner_uid INTEGER NOT NULL,
+    run_as_uid INTEGER NOT NULL,
+    run_as_gid INTEGER NOT NULL,
+    port INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    pid INTEGER NOT NULL,
+    start_time INTEGER NOT NULL,
+    running INTEGER NOT NULL
+) STRICT;
+"""
+# Each entry upgrades the schema from its index + 1 to the next version, inside one transaction.
+_MIGRATIONS = (_MODEL_TABLE,)
+
 _FIX = "move the file aside to start with no allocations, or restore it from a backup"
 
 
@@ -44,7 +63,7 @@ class SqliteAllocationStore:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / DB_NAME
         try:
-            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            state_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
         except OSError as exc:
             raise StateError(
                 f"state directory {state_dir}: cannot create it ({exc.strerror})",
@@ -78,7 +97,12 @@ class SqliteAllocationStore:
             if existed and tables:
                 raise StateError(f"state file {self.path}: has tables but no gpushared schema version", hint=_FIX)
             # Schema and version in one transaction: a crash leaves either nothing or both.
-            db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+            db.executescript(
+                f"BEGIN IMMEDIATE; {_SCHEMA} {''.join(_MIGRATIONS)} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+            )
+        else:
+            for step in range(version, SCHEMA_VERSION):
+                db.executescript(f"BEGIN IMMEDIATE; {_MIGRATIONS[step - 1]} PRAGMA user_version={step + 1}; COMMIT;")
         os.chmod(self.path, 0o600)
 
     def load(self) -> list[Allocation]:
@@ -116,14 +140,63 @@ class SqliteAllocationStore:
                 for change in changes:
                     if isinstance(change, AllocationAdded):
                         self._insert(change.allocation)
-                    else:
+                    elif isinstance(change, AllocationRemoved):
                         self._db.execute("DELETE FROM allocation WHERE id = ?", (change.allocation_id,))
+                    elif isinstance(change, ModelSaved):
+                        self._save_model(change.model)
+                    else:
+                        self._db.execute("DELETE FROM model WHERE name = ?", (change.name,))
         except sqlite3.OperationalError as exc:
             # Disk full, I/O error, read-only file system: the transaction rolled back as a whole.
             raise StateWriteError(
                 f"state file {self.path}: cannot record the change ({exc}); nothing was changed",
                 hint=f"free space or fix the file system under {self.path.parent}, then retry",
             ) from exc
+
+    def load_models(self) -> list[ServedModel]:
+        rows = self._db.execute(
+            "SELECT name, spec, allocation_id, owner_uid, run_as_uid, run_as_gid, port, created_at, pid,"
+            " start_time, running FROM model ORDER BY created_at, name"
+        ).fetchall()
+        models = []
+        for row in rows:
+            try:
+                models.append(
+                    ServedModel(
+                        name=row[0],
+                        spec=spec_from_json(row[1]),
+                        allocation_id=row[2],
+                        owner_uid=int(row[3]),
+                        run_as_uid=int(row[4]),
+                        run_as_gid=int(row[5]),
+                        port=int(row[6]),
+                        created_at=float(row[7]),
+                        pid=int(row[8]),
+                        start_time=int(row[9]),
+                        running=bool(row[10]),
+                    )
+                )
+            except (ValueError, TypeError, KeyError) as exc:
+                raise StateError(f"state file {self.path}: model {row[0]!r} is unreadable ({exc})", hint=_FIX) from exc
+        return models
+
+    def _save_model(self, model: ServedModel) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO model VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                model.name,
+                spec_to_json(model.spec),
+                model.allocation_id,
+                model.owner_uid,
+                model.run_as_uid,
+                model.run_as_gid,
+                model.port,
+                model.created_at,
+                model.pid,
+                model.start_time,
+                int(model.running),
+            ),
+        )
 
     def add(self, allocation: Allocation) -> None:
         self.apply([AllocationAdded(allocation)])

@@ -66,7 +66,7 @@ class AllocationService:
         clock: Callable[[], float] = time.time,
         id_factory: Callable[[], str] = new_allocation_id,
     ) -> None:
-        self._commit = GroupCommit(store)
+        self.commit = GroupCommit(store)
         self._releasing: set[str] = set()
         self._policy = policy
         self._clock = clock
@@ -111,7 +111,7 @@ class AllocationService:
         # Reserve before waiting for the disk, so concurrent requests see the partitions taken;
         # the lease is handed out only once it is durable, and undone if it cannot be.
         self._replace_allocations([*ledger.allocations.values(), allocation])
-        await self._commit.record(AllocationAdded(allocation), undo=lambda: self._drop(allocation.id))
+        await self.commit.record(AllocationAdded(allocation), undo=lambda: self._drop(allocation.id))
         log.info(
             "allocated %s to %s: %s",
             allocation.id,
@@ -134,7 +134,7 @@ class AllocationService:
             self._releasing.discard(allocation.id)
             self._drop(allocation.id)
 
-        await self._commit.record(
+        await self.commit.record(
             AllocationRemoved(allocation.id), then=released, undo=lambda: self._releasing.discard(allocation.id)
         )
         log.info(

@@ -28,7 +28,10 @@ from gpushared.domain.caller import Caller
 from gpushared.domain.errors import GpushareError, InvalidArgument, Unauthenticated
 from gpushared.domain.gpu import ComputePartition, GpuInfo, MemoryPartition, PartitionInfo
 from gpushared.domain.lease import device_nodes, lease_environment, leased_partitions
+from gpushared.domain.model import Engine, ModelSpec
+from gpushared.domain.model_state import ModelState
 from gpushared.services.allocations import AllocationService, HostView
+from gpushared.services.models import ModelService, ModelView
 from gpushared.transport.front_door import identity_from_peer
 from gpushared.transport.status import HINT_METADATA_KEY, status_for
 
@@ -83,8 +86,11 @@ class GpushareServicer:
     """Serves gpushare.v1.Gpushare. Requests arrive as raw bytes and are parsed here, so a corrupt
     message gets INVALID_ARGUMENT naming the message type instead of grpcio's opaque UNKNOWN."""
 
-    def __init__(self, allocations: AllocationService, auth: Authenticator, backend_name: str) -> None:
+    def __init__(
+        self, allocations: AllocationService, auth: Authenticator, backend_name: str, models: ModelService
+    ) -> None:
         self._allocations = allocations
+        self._models = models
         self._auth = auth
         self._backend = backend_name
         self._started = time.monotonic()
@@ -96,6 +102,10 @@ class GpushareServicer:
             "Release": (pb.ReleaseRequest, self._release),
             "ListAllocations": (pb.ListAllocationsRequest, self._list_allocations),
             "GetAllocation": (pb.GetAllocationRequest, self._get_allocation),
+            "Serve": (pb.ServeRequest, self._serve),
+            "Stop": (pb.StopRequest, self._stop),
+            "ListModels": (pb.ListModelsRequest, self._list_models),
+            "GetModel": (pb.GetModelRequest, self._get_model),
         }
         missing = set(SERVICE.methods_by_name) ^ set(methods)
         if missing:
@@ -177,7 +187,7 @@ class GpushareServicer:
 
     async def _release(self, caller: Caller, request: pb.ReleaseRequest) -> pb.ReleaseResponse:
         view = self._allocations.view
-        allocation = await self._allocations.release(caller, request.id)
+        allocation = await self._models.release_allocation(caller, request.id)
         return pb.ReleaseResponse(allocation=_allocation_to_pb(allocation, view))
 
     def _list_allocations(self, caller: Caller, request: pb.ListAllocationsRequest) -> pb.ListAllocationsResponse:
@@ -188,6 +198,95 @@ class GpushareServicer:
     def _get_allocation(self, caller: Caller, request: pb.GetAllocationRequest) -> pb.GetAllocationResponse:
         allocation = self._allocations.get(request.id)
         return pb.GetAllocationResponse(allocation=_allocation_to_pb(allocation, self._allocations.view))
+
+    async def _serve(self, caller: Caller, request: pb.ServeRequest) -> pb.ServeResponse:
+        message = request.spec
+        spec = _spec_from_pb(message)
+        gpu = message.gpu_index if message.HasField("gpu_index") else None
+        view = await self._models.serve(
+            caller, spec, gpu_index=gpu, compute=_compute_from_pb(message.compute_partition)
+        )
+        return pb.ServeResponse(model=_model_to_pb(view))
+
+    async def _stop(self, caller: Caller, request: pb.StopRequest) -> pb.StopResponse:
+        view = await self._models.stop(caller, request.name, keep_allocation=request.keep_allocation)
+        return pb.StopResponse(model=_model_to_pb(view))
+
+    def _list_models(self, caller: Caller, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[_model_to_pb(v) for v in self._models.all()])
+
+    def _get_model(self, caller: Caller, request: pb.GetModelRequest) -> pb.GetModelResponse:
+        return pb.GetModelResponse(model=_model_to_pb(self._models.get(request.name)))
+
+
+ENGINE_FROM_PB = {pb.ENGINE_UNSPECIFIED: Engine.VLLM, pb.ENGINE_VLLM: Engine.VLLM, pb.ENGINE_STUB: Engine.STUB}
+ENGINE_TO_PB = {Engine.VLLM: pb.ENGINE_VLLM, Engine.STUB: pb.ENGINE_STUB}
+MODEL_STATE_TO_PB = {state: pb.ModelState.Value(f"MODEL_STATE_{state.name}") for state in ModelState}
+
+
+def _compute_from_pb(value: pb.ComputePartition.ValueType) -> ComputePartition | None:
+    if value == pb.COMPUTE_PARTITION_UNSPECIFIED:
+        return None
+    if value not in COMPUTE_FROM_PB:
+        raise InvalidArgument(f"compute_partition: unknown value {value}", hint="use SPX, DPX, QPX or CPX")
+    return COMPUTE_FROM_PB[value]
+
+
+def _spec_from_pb(message: pb.ModelSpec) -> ModelSpec:
+    if message.engine not in ENGINE_FROM_PB:
+        raise InvalidArgument(f"engine: unknown value {message.engine}", hint="use vllm or stub")
+    return ModelSpec(
+        name=message.name,
+        model=message.model,
+        engine=ENGINE_FROM_PB[message.engine],
+        served_name=message.served_name,
+        memory_bytes=message.memory_bytes or None,
+        partitions=message.partition_count or 1,
+        max_model_len=message.max_model_len or None,
+        dtype=message.dtype or "auto",
+        max_num_seqs=message.max_num_seqs or None,
+        options=tuple((o.name, o.value) for o in message.options),
+    )
+
+
+def _model_to_pb(view: ModelView) -> pb.Model:
+    record = view.record
+    spec = record.spec
+    return pb.Model(
+        name=record.name,
+        spec=pb.ModelSpec(
+            name=spec.name,
+            engine=ENGINE_TO_PB[Engine(spec.engine)],
+            model=spec.model,
+            served_name=spec.served_model_name,
+            memory_bytes=spec.memory_bytes or 0,
+            partition_count=spec.partitions,
+            max_model_len=spec.max_model_len or 0,
+            dtype=spec.dtype,
+            max_num_seqs=spec.max_num_seqs or 0,
+            options=[pb.EngineOption(name=k, value=v) for k, v in spec.options],
+        ),
+        state=MODEL_STATE_TO_PB[view.state],
+        allocation_id=record.allocation_id,
+        owner_uid=record.owner_uid,
+        run_as_uid=record.run_as_uid,
+        endpoint=view.endpoint,
+        port=record.port,
+        pid=view.pid,
+        restarts=view.restarts,
+        last_error=view.last_error,
+        transitions=[
+            pb.ModelTransition(
+                source=MODEL_STATE_TO_PB[t.source],
+                target=MODEL_STATE_TO_PB[t.target],
+                at=_timestamp(t.at),
+                reason=t.reason,
+            )
+            for t in view.transitions
+        ],
+        log_path=str(view.log_path),
+        argv=list(view.argv),
+    )
 
 
 def _request_from_pb(request: pb.AllocateRequest) -> AllocationRequest:

@@ -154,6 +154,68 @@ ALLOCATION_STATE_DEGRADED: AllocationState.ValueType  # 2
 """a partition it holds is missing or degraded; see state_reason"""
 Global___AllocationState: _TypeAlias = AllocationState  # noqa: Y015
 
+class _Engine:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EngineEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Engine.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENGINE_UNSPECIFIED: _Engine.ValueType  # 0
+    """vllm"""
+    ENGINE_VLLM: _Engine.ValueType  # 1
+    ENGINE_STUB: _Engine.ValueType  # 2
+    """gpushared-stub-engine: behaves like vllm serve, needs no GPU"""
+
+class Engine(_Engine, metaclass=_EngineEnumTypeWrapper):
+    """What runs a model."""
+
+ENGINE_UNSPECIFIED: Engine.ValueType  # 0
+"""vllm"""
+ENGINE_VLLM: Engine.ValueType  # 1
+ENGINE_STUB: Engine.ValueType  # 2
+"""gpushared-stub-engine: behaves like vllm serve, needs no GPU"""
+Global___Engine: _TypeAlias = Engine  # noqa: Y015
+
+class _ModelState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModelStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODEL_STATE_UNSPECIFIED: _ModelState.ValueType  # 0
+    MODEL_STATE_PENDING: _ModelState.ValueType  # 1
+    """accepted, waiting for its memory pool's start slot"""
+    MODEL_STATE_STARTING: _ModelState.ValueType  # 2
+    """process started, not yet answering /health and /v1/models"""
+    MODEL_STATE_READY: _ModelState.ValueType  # 3
+    MODEL_STATE_UNHEALTHY: _ModelState.ValueType  # 4
+    """was ready, liveness probe failing"""
+    MODEL_STATE_BACKOFF: _ModelState.ValueType  # 5
+    """exited or failed; waiting to restart (partitions stay reserved)"""
+    MODEL_STATE_FAILED: _ModelState.ValueType  # 6
+    """gave up (crash loop); see last_error"""
+    MODEL_STATE_STOPPING: _ModelState.ValueType  # 7
+    MODEL_STATE_STOPPED: _ModelState.ValueType  # 8
+
+class ModelState(_ModelState, metaclass=_ModelStateEnumTypeWrapper):
+    """Lifecycle state of a served model."""
+
+MODEL_STATE_UNSPECIFIED: ModelState.ValueType  # 0
+MODEL_STATE_PENDING: ModelState.ValueType  # 1
+"""accepted, waiting for its memory pool's start slot"""
+MODEL_STATE_STARTING: ModelState.ValueType  # 2
+"""process started, not yet answering /health and /v1/models"""
+MODEL_STATE_READY: ModelState.ValueType  # 3
+MODEL_STATE_UNHEALTHY: ModelState.ValueType  # 4
+"""was ready, liveness probe failing"""
+MODEL_STATE_BACKOFF: ModelState.ValueType  # 5
+"""exited or failed; waiting to restart (partitions stay reserved)"""
+MODEL_STATE_FAILED: ModelState.ValueType  # 6
+"""gave up (crash loop); see last_error"""
+MODEL_STATE_STOPPING: ModelState.ValueType  # 7
+MODEL_STATE_STOPPED: ModelState.ValueType  # 8
+Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
+
 @_typing.final
 class Caller(_message.Message):
     """Who the daemon identified the caller as, from SO_PEERCRED."""
@@ -835,3 +897,351 @@ class GetAllocationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetAllocationResponse: _TypeAlias = GetAllocationResponse  # noqa: Y015
+
+@_typing.final
+class EngineOption(_message.Message):
+    """An extra vLLM option; only names the admin allowlisted are accepted."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """e.g. "enable-prefix-caching" """
+    value: _builtins.str
+    """empty for a flag without a value"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EngineOption: _TypeAlias = EngineOption  # noqa: Y015
+
+@_typing.final
+class ModelSpec(_message.Message):
+    """A typed model spec; never a free-form command line."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    SERVED_NAME_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    PARTITION_COUNT_FIELD_NUMBER: _builtins.int
+    GPU_INDEX_FIELD_NUMBER: _builtins.int
+    COMPUTE_PARTITION_FIELD_NUMBER: _builtins.int
+    MAX_MODEL_LEN_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    MAX_NUM_SEQS_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """the model's gpushare name (also its allocation's name)"""
+    engine: Global___Engine.ValueType
+    model: _builtins.str
+    """hub id org/name, or an absolute path the child's user can read"""
+    served_name: _builtins.str
+    """name in /v1/models; default: the model"""
+    memory_bytes: _builtins.int
+    """total budget; 0 = 90% of each partition's cap"""
+    partition_count: _builtins.int
+    """tensor parallel size; 0 means 1"""
+    gpu_index: _builtins.int
+    compute_partition: Global___ComputePartition.ValueType
+    max_model_len: _builtins.int
+    """0 = the engine's default"""
+    dtype: _builtins.str
+    """auto, half, float16, bfloat16, float, float32; empty = auto"""
+    max_num_seqs: _builtins.int
+    """0 = the engine's default"""
+    @_builtins.property
+    def options(self) -> _containers.RepeatedCompositeFieldContainer[Global___EngineOption]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        engine: Global___Engine.ValueType = ...,
+        model: _builtins.str = ...,
+        served_name: _builtins.str = ...,
+        memory_bytes: _builtins.int = ...,
+        partition_count: _builtins.int = ...,
+        gpu_index: _builtins.int | None = ...,
+        compute_partition: Global___ComputePartition.ValueType = ...,
+        max_model_len: _builtins.int = ...,
+        dtype: _builtins.str = ...,
+        max_num_seqs: _builtins.int = ...,
+        options: _abc.Iterable[Global___EngineOption] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_gpu_index", b"_gpu_index", "gpu_index", b"gpu_index"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gpu_index", b"_gpu_index", "compute_partition", b"compute_partition", "dtype", b"dtype", "engine", b"engine", "gpu_index", b"gpu_index", "max_model_len", b"max_model_len", "max_num_seqs", b"max_num_seqs", "memory_bytes", b"memory_bytes", "model", b"model", "name", b"name", "options", b"options", "partition_count", b"partition_count", "served_name", b"served_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__gpu_index: _TypeAlias = _typing.Literal["gpu_index"]  # noqa: Y015
+    _WhichOneofArgType__gpu_index: _TypeAlias = _typing.Literal["_gpu_index", b"_gpu_index"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gpu_index) -> _WhichOneofReturnType__gpu_index | None: ...
+
+Global___ModelSpec: _TypeAlias = ModelSpec  # noqa: Y015
+
+@_typing.final
+class ModelTransition(_message.Message):
+    """One recorded state change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    source: Global___ModelState.ValueType
+    target: Global___ModelState.ValueType
+    reason: _builtins.str
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        source: Global___ModelState.ValueType = ...,
+        target: Global___ModelState.ValueType = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "reason", b"reason", "source", b"source", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelTransition: _TypeAlias = ModelTransition  # noqa: Y015
+
+@_typing.final
+class Model(_message.Message):
+    """A served model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ALLOCATION_ID_FIELD_NUMBER: _builtins.int
+    OWNER_UID_FIELD_NUMBER: _builtins.int
+    RUN_AS_UID_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    RESTARTS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    TRANSITIONS_FIELD_NUMBER: _builtins.int
+    LOG_PATH_FIELD_NUMBER: _builtins.int
+    ARGV_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    state: Global___ModelState.ValueType
+    allocation_id: _builtins.str
+    owner_uid: _builtins.int
+    """who asked for it"""
+    run_as_uid: _builtins.int
+    """the uid its processes run as"""
+    endpoint: _builtins.str
+    """e.g. http://127.0.0.1:8100/v1"""
+    port: _builtins.int
+    pid: _builtins.int
+    """main process; 0 when none runs"""
+    restarts: _builtins.int
+    last_error: _builtins.str
+    log_path: _builtins.str
+    @_builtins.property
+    def spec(self) -> Global___ModelSpec: ...
+    @_builtins.property
+    def transitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelTransition]: ...
+    @_builtins.property
+    def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the command line the daemon built"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        spec: Global___ModelSpec | None = ...,
+        state: Global___ModelState.ValueType = ...,
+        allocation_id: _builtins.str = ...,
+        owner_uid: _builtins.int = ...,
+        run_as_uid: _builtins.int = ...,
+        endpoint: _builtins.str = ...,
+        port: _builtins.int = ...,
+        pid: _builtins.int = ...,
+        restarts: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        transitions: _abc.Iterable[Global___ModelTransition] | None = ...,
+        log_path: _builtins.str = ...,
+        argv: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_id", b"allocation_id", "argv", b"argv", "endpoint", b"endpoint", "last_error", b"last_error", "log_path", b"log_path", "name", b"name", "owner_uid", b"owner_uid", "pid", b"pid", "port", b"port", "restarts", b"restarts", "run_as_uid", b"run_as_uid", "spec", b"spec", "state", b"state", "transitions", b"transitions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Model: _TypeAlias = Model  # noqa: Y015
+
+@_typing.final
+class ServeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPEC_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def spec(self) -> Global___ModelSpec: ...
+    def __init__(
+        self,
+        *,
+        spec: Global___ModelSpec | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServeRequest: _TypeAlias = ServeRequest  # noqa: Y015
+
+@_typing.final
+class ServeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___Model: ...
+    def __init__(
+        self,
+        *,
+        model: Global___Model | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServeResponse: _TypeAlias = ServeResponse  # noqa: Y015
+
+@_typing.final
+class StopRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KEEP_ALLOCATION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    keep_allocation: _builtins.bool
+    """keep the partitions reserved for a later Serve"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        keep_allocation: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keep_allocation", b"keep_allocation", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopRequest: _TypeAlias = StopRequest  # noqa: Y015
+
+@_typing.final
+class StopResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___Model: ...
+    def __init__(
+        self,
+        *,
+        model: Global___Model | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopResponse: _TypeAlias = StopResponse  # noqa: Y015
+
+@_typing.final
+class ListModelsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsRequest: _TypeAlias = ListModelsRequest  # noqa: Y015
+
+@_typing.final
+class ListModelsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___Model]: ...
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[Global___Model] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
+
+@_typing.final
+class GetModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelRequest: _TypeAlias = GetModelRequest  # noqa: Y015
+
+@_typing.final
+class GetModelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___Model: ...
+    def __init__(
+        self,
+        *,
+        model: Global___Model | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelResponse: _TypeAlias = GetModelResponse  # noqa: Y015

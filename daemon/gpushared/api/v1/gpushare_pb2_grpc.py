@@ -70,6 +70,26 @@ class GpushareStub:
                 request_serializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.GetAllocationRequest.SerializeToString,
                 response_deserializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.GetAllocationResponse.FromString,
                 _registered_method=True)
+        self.Serve = channel.unary_unary(
+                '/gpushare.v1.Gpushare/Serve',
+                request_serializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ServeRequest.SerializeToString,
+                response_deserializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ServeResponse.FromString,
+                _registered_method=True)
+        self.Stop = channel.unary_unary(
+                '/gpushare.v1.Gpushare/Stop',
+                request_serializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.StopRequest.SerializeToString,
+                response_deserializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.StopResponse.FromString,
+                _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/gpushare.v1.Gpushare/ListModels',
+                request_serializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.GetModel = channel.unary_unary(
+                '/gpushare.v1.Gpushare/GetModel',
+                request_serializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.GetModelResponse.FromString,
+                _registered_method=True)
 
 
 class GpushareServicer:
@@ -132,6 +152,40 @@ class GpushareServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Serve(self, request, context):
+        """Serve a model: allocate partitions for it and start one supervised engine child in its own
+        cgroup leaf, as the caller's uid (root's requests run as the configured service account).
+        Returns at once with the model PENDING or STARTING; poll GetModel until READY. Any caller.
+        INVALID_ARGUMENT for a bad spec or an option outside the admin's allowlist, ALREADY_EXISTS
+        for a name in use, RESOURCE_EXHAUSTED when it does not fit, FAILED_PRECONDITION when this
+        host cannot run models (no writable cgroup v2).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stop(self, request, context):
+        """Stop a model's child (SIGTERM, grace period, then cgroup.kill of the whole tree) and
+        release its allocation unless keep_allocation is set. The owner or an admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """All models on the host with their state. Any caller.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModel(self, request, context):
+        """One model by name, with its recorded state transitions. Any caller.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GpushareServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +223,26 @@ def add_GpushareServicer_to_server(servicer, server):
                     servicer.GetAllocation,
                     request_deserializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.GetAllocationRequest.FromString,
                     response_serializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.GetAllocationResponse.SerializeToString,
+            ),
+            'Serve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Serve,
+                    request_deserializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ServeRequest.FromString,
+                    response_serializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ServeResponse.SerializeToString,
+            ),
+            'Stop': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stop,
+                    request_deserializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.StopRequest.FromString,
+                    response_serializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.StopResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ListModelsRequest.FromString,
+                    response_serializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'GetModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModel,
+                    request_deserializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.GetModelRequest.FromString,
+                    response_serializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.GetModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -361,6 +435,114 @@ class Gpushare:
             '/gpushare.v1.Gpushare/GetAllocation',
             gpushared_dot_api_dot_v1_dot_gpushare__pb2.GetAllocationRequest.SerializeToString,
             gpushared_dot_api_dot_v1_dot_gpushare__pb2.GetAllocationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Serve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpushare.v1.Gpushare/Serve',
+            gpushared_dot_api_dot_v1_dot_gpushare__pb2.ServeRequest.SerializeToString,
+            gpushared_dot_api_dot_v1_dot_gpushare__pb2.ServeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stop(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpushare.v1.Gpushare/Stop',
+            gpushared_dot_api_dot_v1_dot_gpushare__pb2.StopRequest.SerializeToString,
+            gpushared_dot_api_dot_v1_dot_gpushare__pb2.StopResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpushare.v1.Gpushare/ListModels',
+            gpushared_dot_api_dot_v1_dot_gpushare__pb2.ListModelsRequest.SerializeToString,
+            gpushared_dot_api_dot_v1_dot_gpushare__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpushare.v1.Gpushare/GetModel',
+            gpushared_dot_api_dot_v1_dot_gpushare__pb2.GetModelRequest.SerializeToString,
+            gpushared_dot_api_dot_v1_dot_gpushare__pb2.GetModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -65,6 +65,22 @@ class GpushareStub:
     """All allocations on the host. Any caller."""
     GetAllocation: _grpc.UnaryUnaryMultiCallable[_gpushare_pb2.GetAllocationRequest, _gpushare_pb2.GetAllocationResponse]
     """One allocation by id. Any caller. NOT_FOUND for an unknown id."""
+    Serve: _grpc.UnaryUnaryMultiCallable[_gpushare_pb2.ServeRequest, _gpushare_pb2.ServeResponse]
+    """Serve a model: allocate partitions for it and start one supervised engine child in its own
+    cgroup leaf, as the caller's uid (root's requests run as the configured service account).
+    Returns at once with the model PENDING or STARTING; poll GetModel until READY. Any caller.
+    INVALID_ARGUMENT for a bad spec or an option outside the admin's allowlist, ALREADY_EXISTS
+    for a name in use, RESOURCE_EXHAUSTED when it does not fit, FAILED_PRECONDITION when this
+    host cannot run models (no writable cgroup v2).
+    """
+    Stop: _grpc.UnaryUnaryMultiCallable[_gpushare_pb2.StopRequest, _gpushare_pb2.StopResponse]
+    """Stop a model's child (SIGTERM, grace period, then cgroup.kill of the whole tree) and
+    release its allocation unless keep_allocation is set. The owner or an admin.
+    """
+    ListModels: _grpc.UnaryUnaryMultiCallable[_gpushare_pb2.ListModelsRequest, _gpushare_pb2.ListModelsResponse]
+    """All models on the host with their state. Any caller."""
+    GetModel: _grpc.UnaryUnaryMultiCallable[_gpushare_pb2.GetModelRequest, _gpushare_pb2.GetModelResponse]
+    """One model by name, with its recorded state transitions. Any caller."""
 
 @_typing.type_check_only
 class GpushareAsyncStub(GpushareStub):
@@ -97,6 +113,22 @@ class GpushareAsyncStub(GpushareStub):
     """All allocations on the host. Any caller."""
     GetAllocation: _aio.UnaryUnaryMultiCallable[_gpushare_pb2.GetAllocationRequest, _gpushare_pb2.GetAllocationResponse]  # type: ignore[assignment]
     """One allocation by id. Any caller. NOT_FOUND for an unknown id."""
+    Serve: _aio.UnaryUnaryMultiCallable[_gpushare_pb2.ServeRequest, _gpushare_pb2.ServeResponse]  # type: ignore[assignment]
+    """Serve a model: allocate partitions for it and start one supervised engine child in its own
+    cgroup leaf, as the caller's uid (root's requests run as the configured service account).
+    Returns at once with the model PENDING or STARTING; poll GetModel until READY. Any caller.
+    INVALID_ARGUMENT for a bad spec or an option outside the admin's allowlist, ALREADY_EXISTS
+    for a name in use, RESOURCE_EXHAUSTED when it does not fit, FAILED_PRECONDITION when this
+    host cannot run models (no writable cgroup v2).
+    """
+    Stop: _aio.UnaryUnaryMultiCallable[_gpushare_pb2.StopRequest, _gpushare_pb2.StopResponse]  # type: ignore[assignment]
+    """Stop a model's child (SIGTERM, grace period, then cgroup.kill of the whole tree) and
+    release its allocation unless keep_allocation is set. The owner or an admin.
+    """
+    ListModels: _aio.UnaryUnaryMultiCallable[_gpushare_pb2.ListModelsRequest, _gpushare_pb2.ListModelsResponse]  # type: ignore[assignment]
+    """All models on the host with their state. Any caller."""
+    GetModel: _aio.UnaryUnaryMultiCallable[_gpushare_pb2.GetModelRequest, _gpushare_pb2.GetModelResponse]  # type: ignore[assignment]
+    """One model by name, with its recorded state transitions. Any caller."""
 
 class GpushareServicer(metaclass=_abc_1.ABCMeta):
     """Gpushare manages the GPU partitions of one host and hands them out as allocations."""
@@ -168,5 +200,45 @@ class GpushareServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gpushare_pb2.GetAllocationResponse, _abc.Awaitable[_gpushare_pb2.GetAllocationResponse]]:
         """One allocation by id. Any caller. NOT_FOUND for an unknown id."""
+
+    @_abc_1.abstractmethod
+    def Serve(
+        self,
+        request: _gpushare_pb2.ServeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gpushare_pb2.ServeResponse, _abc.Awaitable[_gpushare_pb2.ServeResponse]]:
+        """Serve a model: allocate partitions for it and start one supervised engine child in its own
+        cgroup leaf, as the caller's uid (root's requests run as the configured service account).
+        Returns at once with the model PENDING or STARTING; poll GetModel until READY. Any caller.
+        INVALID_ARGUMENT for a bad spec or an option outside the admin's allowlist, ALREADY_EXISTS
+        for a name in use, RESOURCE_EXHAUSTED when it does not fit, FAILED_PRECONDITION when this
+        host cannot run models (no writable cgroup v2).
+        """
+
+    @_abc_1.abstractmethod
+    def Stop(
+        self,
+        request: _gpushare_pb2.StopRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gpushare_pb2.StopResponse, _abc.Awaitable[_gpushare_pb2.StopResponse]]:
+        """Stop a model's child (SIGTERM, grace period, then cgroup.kill of the whole tree) and
+        release its allocation unless keep_allocation is set. The owner or an admin.
+        """
+
+    @_abc_1.abstractmethod
+    def ListModels(
+        self,
+        request: _gpushare_pb2.ListModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gpushare_pb2.ListModelsResponse, _abc.Awaitable[_gpushare_pb2.ListModelsResponse]]:
+        """All models on the host with their state. Any caller."""
+
+    @_abc_1.abstractmethod
+    def GetModel(
+        self,
+        request: _gpushare_pb2.GetModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gpushare_pb2.GetModelResponse, _abc.Awaitable[_gpushare_pb2.GetModelResponse]]:
+        """One model by name, with its recorded state transitions. Any caller."""
 
 def add_GpushareServicer_to_server(servicer: GpushareServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,71 @@
+"""What the daemon records about a served model: intent (spec, owner, allocation) and the child it last ran."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection
+from dataclasses import asdict, dataclass, field, replace
+
+from gpushared.domain.errors import ResourceExhausted
+from gpushared.domain.model import ModelSpec
+from gpushared.domain.model_state import RestartPolicy
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """How the daemon runs model children (the [models] section of the configuration)."""
+
+    port_low: int = 8100
+    port_high: int = 8199
+    service_account: str = "gpushare-model"
+    vllm_launcher: tuple[str, ...] = ("vllm",)
+    stub_launcher: tuple[str, ...] = ()
+    """Empty = the composition root's default (the shipped stub engine)."""
+    option_allowlist: frozenset[str] = frozenset()
+    grace_seconds: float = 30.0
+    probe_interval: float = 5.0
+    start_timeout: float = 600.0
+    stop_models_on_exit: bool = False
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    spec: ModelSpec
+    allocation_id: str
+    owner_uid: int
+    run_as_uid: int
+    run_as_gid: int
+    port: int
+    created_at: float
+    pid: int = 0
+    """Main process of the running child; 0 when none. With start_time and the cgroup leaf it
+    identifies the child across daemon restarts (a bare pid could have been recycled)."""
+    start_time: int = 0
+    running: bool = True
+    """Desired state: False once stopped with its allocation kept."""
+
+    def with_child(self, pid: int, start_time: int) -> ServedModel:
+        return replace(self, pid=pid, start_time=start_time)
+
+
+def spec_to_json(spec: ModelSpec) -> str:
+    return json.dumps(asdict(spec), sort_keys=True)
+
+
+def spec_from_json(text: str) -> ModelSpec:
+    data = json.loads(text)
+    data["options"] = tuple((str(k), str(v)) for k, v in data.get("options", ()))
+    return ModelSpec(**data)
+
+
+def choose_port(low: int, high: int, held: Collection[int]) -> int:
+    """The lowest port of the managed range that no model holds; never one still held."""
+    for port in range(low, high + 1):
+        if port not in held:
+            return port
+    raise ResourceExhausted(
+        f"ports: all {high - low + 1} ports of the model range {low}-{high} are held",
+        hint="stop a model, or widen models.port_range in the configuration",
+    )

@@ -1,0 +1,374 @@
+"""Serving use cases: a model spec becomes an allocation plus one supervised engine child; stop, restore, adopt."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pwd
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from gpushared.domain.allocation import Allocation, AllocationRequest
+from gpushared.domain.caller import Caller, authorize_release
+from gpushared.domain.errors import AlreadyExists, FailedPrecondition, NotFound
+from gpushared.domain.gpu import ComputePartition, GpuInfo
+from gpushared.domain.lease import lease_environment, leased_partitions
+from gpushared.domain.model import Engine, ModelSpec, derive_memory_bytes, validate_spec
+from gpushared.domain.model_state import ModelState, Transition
+from gpushared.domain.served_model import ServedModel, ServingConfig, choose_port
+from gpushared.domain.vllm_args import build_argv, build_env
+from gpushared.ports import ModelDeleted, ModelSaved
+from gpushared.services.allocations import AllocationService
+from gpushared.services.supervision_ports import ChildIdentity, ChildLauncher, ChildSpec, HealthProbe, LeafTree
+from gpushared.services.supervisor import ModelSupervisor
+
+log = logging.getLogger("gpushared.models")
+
+
+@dataclass
+class _Entry:
+    record: ServedModel
+    supervisor: ModelSupervisor | None
+    log_path: Path
+    argv: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What the API shows of one model."""
+
+    record: ServedModel
+    state: ModelState
+    pid: int
+    restarts: int
+    last_error: str
+    transitions: tuple[Transition, ...]
+    log_path: Path
+    argv: tuple[str, ...]
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.record.port}/v1"
+
+
+class ModelService:
+    """Owns the served models. Like AllocationService it decides on the event loop thread without
+    yielding, then waits for durability; a model's record and its allocation are written before its
+    child is started, so a crash at any point leaves either nothing or something restore() resumes."""
+
+    def __init__(
+        self,
+        allocations: AllocationService,
+        *,
+        tree: LeafTree | None,
+        cgroup_problem: str,
+        launcher: ChildLauncher | None,
+        probe: HealthProbe,
+        config: ServingConfig,
+        state_dir: Path,
+        base_env: Mapping[str, str],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._allocations = allocations
+        self._tree = tree
+        self._cgroup_problem = cgroup_problem
+        self._launcher = launcher
+        self._probe = probe
+        self._config = config
+        self._logs_dir = state_dir / "logs"
+        self._run_dir = state_dir / "models"
+        self._base_env = dict(base_env)
+        self._clock = clock
+        self._entries: dict[str, _Entry] = {}
+        self._pool_gates: dict[tuple[str, int], asyncio.Lock] = {}
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def all(self) -> list[ModelView]:
+        return [
+            self._view(e) for e in sorted(self._entries.values(), key=lambda e: (e.record.created_at, e.record.name))
+        ]
+
+    def get(self, name: str) -> ModelView:
+        return self._view(self._entry(name))
+
+    def model_on(self, allocation_id: str) -> str | None:
+        return next((n for n, e in self._entries.items() if e.record.allocation_id == allocation_id), None)
+
+    def _forget(self, name: str) -> None:
+        self._entries.pop(name, None)
+
+    def _entry(self, name: str) -> _Entry:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise NotFound(f"model {name[:64]!r}: no such model", hint="list them with `gpusharectl models`")
+        return entry
+
+    def _view(self, entry: _Entry) -> ModelView:
+        supervisor = entry.supervisor
+        if supervisor is None:
+            return ModelView(entry.record, ModelState.STOPPED, 0, 0, "", (), entry.log_path, entry.argv)
+        lifecycle = supervisor.lifecycle
+        pid = (
+            supervisor.identity.pid
+            if supervisor.identity is not None
+            and lifecycle.state in (ModelState.STARTING, ModelState.READY, ModelState.UNHEALTHY)
+            else 0
+        )
+        return ModelView(
+            entry.record,
+            lifecycle.state,
+            pid,
+            lifecycle.restarts,
+            lifecycle.last_error,
+            tuple(lifecycle.history),
+            entry.log_path,
+            entry.argv,
+        )
+
+    # -- serve -----------------------------------------------------------------------------------
+
+    async def serve(
+        self, caller: Caller, spec: ModelSpec, *, gpu_index: int | None, compute: ComputePartition | None
+    ) -> ModelView:
+        if self._tree is None or self._launcher is None:
+            raise FailedPrecondition(
+                f"models: this daemon cannot run models: {self._cgroup_problem}",
+                hint="allocation still works; see `gpushared --help` for --cgroup-root",
+            )
+        validate_spec(spec, self._config.option_allowlist)
+        if spec.name in self._entries:
+            raise AlreadyExists(
+                f"model {spec.name}: a model of that name exists", hint="stop it first or pick another --name"
+            )
+        uid, gid = self._run_as(caller)
+        memory = derive_memory_bytes(spec, self._smallest_cap(gpu_index, compute))
+        allocation = await self._allocations.allocate(
+            caller,
+            AllocationRequest(
+                memory_bytes=memory,
+                partition_count=spec.partitions,
+                gpu_index=gpu_index,
+                compute_partition=compute,
+                name=spec.name,
+                policy=None,
+            ),
+        )
+        try:
+            port = choose_port(
+                self._config.port_low, self._config.port_high, {e.record.port for e in self._entries.values()}
+            )
+            record = ServedModel(spec.name, spec, allocation.id, caller.uid, uid, gid, port, time.time())
+            entry = self._prepare(record, allocation)
+        except BaseException:
+            await self._allocations.release(caller, allocation.id)
+            raise
+        self._entries[spec.name] = entry
+        await self._allocations.commit.record(ModelSaved(record), undo=lambda: self._forget(spec.name))
+        assert entry.supervisor is not None
+        await entry.supervisor.start()
+        log.info(
+            "serving model %s (%s, %s engine) on %s as uid %d",
+            spec.name,
+            spec.model,
+            spec.engine,
+            allocation.id,
+            uid,
+            extra={"event": "serve", "model": spec.name, "uid": caller.uid},
+        )
+        return self._view(entry)
+
+    def _run_as(self, caller: Caller) -> tuple[int, int]:
+        """The caller's own uid; for root, the configured service account (never root itself)."""
+        if caller.uid != 0:
+            return caller.uid, caller.gid
+        for account in (self._config.service_account, "nobody"):
+            try:
+                entry = pwd.getpwnam(account)
+            except KeyError:
+                log.warning(
+                    "model service account %r does not exist", account, extra={"fix": f"useradd --system {account}"}
+                )
+                continue
+            return entry.pw_uid, entry.pw_gid
+        raise FailedPrecondition("models: neither the service account nor 'nobody' exists to run root's models")
+
+    def _smallest_cap(self, gpu_index: int | None, compute: ComputePartition | None) -> int:
+        gpus = [
+            g
+            for g in self._allocations.view.inventory.gpus
+            if (gpu_index is None or g.index == gpu_index) and (compute is None or g.compute_partition == compute)
+        ]
+        caps = [p.memory_total_bytes for g in gpus for p in g.partitions]
+        if not caps:
+            raise NotFound("models: no GPU matches the placement constraints", hint="check `gpusharectl gpus`")
+        return min(caps)
+
+    def _prepare(self, record: ServedModel, allocation: Allocation) -> _Entry:
+        """Build the child's command line, environment and directories, and its supervisor."""
+        assert self._tree is not None
+        assert self._launcher is not None
+        view = self._allocations.view
+        leased = leased_partitions(allocation, view.inventory)
+        if any(lp.partition is None for lp in leased):
+            raise FailedPrecondition(f"model {record.name}: its allocation {allocation.id} is degraded")
+        cap = max(lp.partition.memory_total_bytes for lp in leased if lp.partition is not None)
+        spec = record.spec
+        launcher = self._config.stub_launcher if spec.engine == Engine.STUB else self._config.vllm_launcher
+        argv = build_argv(
+            spec,
+            launcher=launcher,
+            model_path_or_id=spec.model,
+            port=record.port,
+            partition_cap_bytes=cap,
+            memory_bytes_per_partition=allocation.memory_bytes_per_partition,
+            kv_cache_bytes_supported=True,
+        )
+        home = self._run_dir / record.name
+        self._run_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+        traversable = os.stat(self._run_dir.parent).st_mode & 0o001
+        if not traversable:
+            raise FailedPrecondition(
+                f"state directory {self._run_dir.parent}: model processes (uid {record.run_as_uid}) cannot reach "
+                f"their home under it",
+                hint=f"chmod o+x {self._run_dir.parent} (its files stay private)",
+            )
+        for directory in (home, home / "tmp", home / "cache"):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chown(directory, record.run_as_uid, record.run_as_gid)
+        self._logs_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        log_path = self._logs_dir / f"{record.name}.log"
+        env = build_env(
+            base=self._base_env,
+            lease_env=lease_environment(allocation, leased),
+            home=str(home),
+            tmpdir=str(home / "tmp"),
+            cache_dir=str(home / "cache"),
+            hf_home=str(home / "cache" / "hf"),
+            api_key=None,
+            offline=True,
+        )
+        child = ChildSpec(
+            name=record.name,
+            argv=tuple(argv),
+            env=env,
+            cwd=str(home),
+            uid=record.run_as_uid,
+            gid=record.run_as_gid,
+            extra_groups=(),
+            port=record.port,
+            served_name=spec.served_model_name,
+            log_path=log_path,
+        )
+        gpu = view.inventory.gpu_by_bdf(allocation.partitions[0].gpu_bdf)
+        gate = self._gate(gpu, allocation.partitions[0].partition_id)
+        config = self._config
+        supervisor = ModelSupervisor(
+            child,
+            tree=self._tree,
+            launcher=self._launcher,
+            probe=self._probe,
+            policy=config.restart,
+            clock=self._clock,
+            rng=random.random,
+            grace_seconds=config.grace_seconds,
+            probe_interval=config.probe_interval,
+            start_timeout=config.start_timeout,
+            on_change=self._on_change,
+            start_gate=gate,
+        )
+        return _Entry(record, supervisor, log_path, tuple(argv))
+
+    def _gate(self, gpu: GpuInfo | None, partition_id: int) -> asyncio.Lock:
+        # Two vLLMs profiling free memory on one pool at once would each count the other's memory.
+        key = (gpu.bdf, gpu.pool_of(partition_id)) if gpu is not None else ("", 0)
+        return self._pool_gates.setdefault(key, asyncio.Lock())
+
+    def _on_change(self, supervisor: ModelSupervisor) -> None:
+        entry = self._entries.get(supervisor.spec.name)
+        identity = supervisor.identity
+        if entry is None or identity is None:
+            return
+        if (identity.pid, identity.start_time) == (entry.record.pid, entry.record.start_time):
+            return
+        entry.record = entry.record.with_child(identity.pid, identity.start_time)
+        # The new identity must survive a daemon crash, or re-adoption would not recognise the child.
+        asyncio.get_running_loop().create_task(self._allocations.commit.record(ModelSaved(entry.record)))
+
+    # -- stop ------------------------------------------------------------------------------------
+
+    async def stop(self, caller: Caller, name: str, *, keep_allocation: bool) -> ModelView:
+        entry = self._entry(name)
+        allocation = self._allocations.get(entry.record.allocation_id)
+        authorize_release(caller, allocation)
+        if entry.supervisor is not None:
+            await entry.supervisor.stop()
+        view = self._view(entry)
+        if keep_allocation:
+            entry.record = replace(entry.record, running=False, pid=0, start_time=0)
+            await self._allocations.commit.record(ModelSaved(entry.record))
+        else:
+            await self._allocations.commit.record(ModelDeleted(name), then=lambda: self._forget(name))
+            await self._allocations.release(caller, allocation.id)
+        log.info("stopped model %s by %s", name, caller.describe(), extra={"event": "stop", "model": name})
+        return view
+
+    async def release_allocation(self, caller: Caller, allocation_id: str) -> Allocation:
+        """Release stops the model on the allocation first: nothing may run on partitions given back."""
+        name = self.model_on(allocation_id)
+        if name is None:
+            return await self._allocations.release(caller, allocation_id)
+        allocation = self._allocations.get(allocation_id)
+        authorize_release(caller, allocation)
+        await self.stop(caller, name, keep_allocation=False)
+        return allocation
+
+    # -- daemon lifecycle ------------------------------------------------------------------------
+
+    async def restore(self, records: list[ServedModel]) -> None:
+        """Re-adopt children that survived the daemon, restart those that died meanwhile."""
+        for record in records:
+            allocation = self._allocations.view.ledger.allocations.get(record.allocation_id)
+            if allocation is None:
+                log.error(
+                    "model %s: its allocation %s is gone; forgetting the model",
+                    record.name,
+                    record.allocation_id,
+                    extra={"event": "restore_failed", "model": record.name},
+                )
+                await self._allocations.commit.record(ModelDeleted(record.name))
+                continue
+            if self._tree is None or not record.running:
+                self._entries[record.name] = _Entry(record, None, self._logs_dir / f"{record.name}.log", ())
+                continue
+            entry = self._prepare(record, allocation)
+            self._entries[record.name] = entry
+            assert entry.supervisor is not None
+            if record.pid and await entry.supervisor.adopt(ChildIdentity(record.pid, record.start_time, record.name)):
+                log.info(
+                    "re-adopted model %s (pid %d)",
+                    record.name,
+                    record.pid,
+                    extra={"event": "adopt", "model": record.name, "pid": record.pid},
+                )
+                continue
+            log.warning(
+                "model %s: its process is gone; starting it again",
+                record.name,
+                extra={"event": "restart_after_daemon_down", "model": record.name},
+            )
+            await entry.supervisor.start()
+
+    async def shutdown(self) -> None:
+        """Daemon exit: leave children running (re-adopted next start) unless configured to stop them."""
+        for entry in self._entries.values():
+            if entry.supervisor is None:
+                continue
+            if self._config.stop_models_on_exit:
+                await entry.supervisor.stop()
+            else:
+                await entry.supervisor.detach()

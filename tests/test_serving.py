@@ -1,0 +1,167 @@
+"""Serving end to end: a real daemon starts a stub engine in a real cgroup leaf, survives kill -9, stops cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gpushared.adapters.cgroupfs import find_cgroup2_mount
+from tests.conftest import OTHER_UID, Daemon, _world_readable_source
+
+MOUNT = find_cgroup2_mount()
+
+
+def cleanup_cgroup(root: Path) -> None:
+    """Kill whatever the test left in its subtree, then remove it bottom-up."""
+    if not root.exists():
+        return
+    for leaf in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        kill = leaf / "cgroup.kill"
+        if kill.exists():
+            kill.write_text("1")
+        for _ in range(100):
+            if "populated 0" in (leaf / "cgroup.events").read_text():
+                break
+            time.sleep(0.05)
+        leaf.rmdir()
+    root.rmdir()
+
+
+@pytest.fixture
+def serving(tmp_short: Path) -> Iterator[Daemon]:
+    if MOUNT is None:
+        pytest.fail("these tests need a writable cgroup v2 mount; none is mounted")
+    tmp_short.chmod(0o755)
+    root = MOUNT / f"gpushare-test-{secrets.token_hex(4)}"
+    stub = _world_readable_source() / "gpushared" / "stub_engine.py"
+    config = f"""
+[daemon]
+socket_group = ""
+[models]
+cgroup_root = "{root}"
+port_range = "{18100 + os.getpid() % 500}-{18199 + os.getpid() % 500}"
+stub_launcher = ["{sys.executable}", "-I", "{stub}"]
+grace_seconds = 3
+probe_interval_seconds = 0.5
+"""
+    d = Daemon(tmp_short, config=config)
+    try:
+        d.start()
+        yield d
+    finally:
+        if d.process is not None and d.process.poll() is None:
+            d.stop()
+        cleanup_cgroup(root)
+
+
+def show(d: Daemon, name: str) -> dict[str, object]:
+    result = d.ctl("--json", "show", name)
+    assert result.returncode == 0, result.stderr
+    model: dict[str, object] = json.loads(result.stdout)
+    return model
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    return dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return "Z" not in proc_status(pid).get("State", "")
+
+
+def test_serve_answer_survive_daemon_kill_and_stop(serving: Daemon) -> None:
+    result = serving.ctl("serve", "stub-org/tiny", "--engine", "stub", "--name", "tiny", "--memory", "8GiB", "--wait")
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert result.stdout.strip().splitlines()[-1].startswith("tiny: ready  http://127.0.0.1:")
+    model = show(serving, "tiny")
+    pid = int(str(model["pid"]))
+    assert model["state"] == "MODEL_STATE_READY"
+    endpoint = str(model["endpoint"])
+    # The child runs as the service account (nobody here), never as root, inside its own leaf.
+    assert proc_status(pid)["Uid"].split()[0] not in ("0", "")
+    cgroup = Path(f"/proc/{pid}/cgroup").read_text()
+    assert cgroup.strip().endswith("/tiny")
+    argv = model["argv"]
+    assert isinstance(argv, list)
+    assert "--gpu-memory-utilization" in argv and "--disable-log-stats" not in argv
+    request = urllib.request.Request(
+        f"{endpoint}/completions",
+        data=json.dumps({"model": "stub-org/tiny", "prompt": "Hello", "max_tokens": 4}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        answer = json.load(response)
+    assert answer["choices"][0]["text"]
+
+    # kill -9 of the daemon: the model keeps running and is re-adopted, not restarted.
+    serving.stop(signal.SIGKILL)
+    assert alive(pid)
+    serving.start()
+    for _ in range(100):
+        model = show(serving, "tiny")
+        if model["state"] == "MODEL_STATE_READY":
+            break
+        time.sleep(0.1)
+    assert model["state"] == "MODEL_STATE_READY"
+    assert int(str(model["pid"])) == pid
+    assert model.get("restarts", 0) == 0
+    assert "re-adopted model tiny" in serving.log()
+
+    # Stop kills the whole tree and releases the allocation.
+    result = serving.ctl("stop", "tiny")
+    assert result.returncode == 0, result.stderr
+    assert not alive(pid)
+    listed = json.loads(serving.ctl("--json", "models").stdout)
+    assert listed.get("models", []) == []
+    assert json.loads(serving.ctl("--json", "list").stdout).get("allocations", []) == []
+
+
+def test_serve_runs_as_the_caller_and_hostile_specs_start_nothing(serving: Daemon) -> None:
+    bad = [
+        (("serve", "--trust-remote-code", "--engine", "stub"), 2),
+        (("serve", "../../etc/shadow", "--engine", "stub", "--name", "x"), 1),
+        (("serve", "org/m", "--engine", "stub", "--name", "y", "--option", "trust-remote=1"), 1),
+        (("serve", "org/m", "--engine", "stub", "--name", "z", "--option", "enable-prefix-caching"), 1),
+    ]
+    for args, code in bad:
+        result = serving.ctl(*args)
+        assert result.returncode == code, (args, result.stderr)
+    assert json.loads(serving.ctl("--json", "models").stdout).get("models", []) == []
+    assert json.loads(serving.ctl("--json", "list").stdout).get("allocations", []) == []
+
+    result = serving.ctl(
+        "serve",
+        "org/small",
+        "--engine",
+        "stub",
+        "--name",
+        "mine",
+        "--memory",
+        "4GiB",
+        "--wait",
+        user=OTHER_UID,
+        group=OTHER_UID,
+        extra_groups=[0],
+    )
+    assert result.returncode == 0, result.stderr
+    model = show(serving, "mine")
+    pid = int(str(model["pid"]))
+    assert proc_status(pid)["Uid"].split()[0] == str(OTHER_UID)
+    assert model["owner_uid"] == OTHER_UID
+    refused = serving.ctl("stop", "mine", user=OTHER_UID + 1, group=OTHER_UID + 1, extra_groups=[0])
+    assert refused.returncode == 4
+    assert serving.ctl("release", str(model["allocation_id"])).returncode == 0, "release stops the model first"
+    assert not alive(pid)
