@@ -106,6 +106,12 @@ def test_serve_answer_survive_daemon_kill_and_stop(serving: Daemon) -> None:
         answer = json.load(response)
     assert answer["choices"][0]["text"]
 
+    table = serving.ctl("models").stdout.splitlines()
+    assert table[1].split()[:3] == ["tiny", "stub-org/tiny", "ready"]
+    shown = serving.ctl("show", "tiny").stdout
+    assert "pending -> starting: launched pid" in shown
+    assert "starting -> ready: GET /health 200 and /v1/models lists 'stub-org/tiny'" in shown
+
     # kill -9 of the daemon: the model keeps running and is re-adopted, not restarted.
     serving.stop(signal.SIGKILL)
     assert alive(pid)
