@@ -59,6 +59,7 @@ def test_every_rpc_and_enum_follows_the_api_rules() -> None:
         "Stop",
         "ListModels",
         "GetModel",
+        "ReadModelLog",
     }
     for enum in pb.DESCRIPTOR.enum_types_by_name.values():
         assert enum.values_by_number[0].name.endswith("_UNSPECIFIED"), enum.name

@@ -171,3 +171,44 @@ def test_serve_runs_as_the_caller_and_hostile_specs_start_nothing(serving: Daemo
     assert refused.returncode == 4
     assert serving.ctl("release", str(model["allocation_id"])).returncode == 0, "release stops the model first"
     assert not alive(pid)
+
+
+def test_daemon_kill_with_eight_models_readopts_all_with_no_restart(serving: Daemon) -> None:
+    for n in range(8):
+        result = serving.ctl("serve", f"org/m{n}", "--engine", "stub", "--name", f"m{n}", "--memory", "2GiB")
+        assert result.returncode == 0, result.stderr
+    pids: dict[str, int] = {}
+    for _ in range(300):
+        models = json.loads(serving.ctl("--json", "models").stdout)["models"]
+        if all(m["state"] == "MODEL_STATE_READY" for m in models):
+            pids = {m["name"]: int(m["pid"]) for m in models}
+            break
+        time.sleep(0.1)
+    assert len(pids) == 8, "all eight models reach READY"
+    serving.stop(signal.SIGKILL)
+    serving.start()
+    for _ in range(300):
+        models = json.loads(serving.ctl("--json", "models").stdout)["models"]
+        if all(m["state"] == "MODEL_STATE_READY" for m in models):
+            break
+        time.sleep(0.1)
+    assert {m["name"]: int(m["pid"]) for m in models} == pids, "same processes, re-adopted"
+    assert all(m.get("restarts", 0) == 0 for m in models)
+    assert serving.log().count("re-adopted model") == 8
+
+
+def test_logs_are_the_owners_and_follow_rotation(serving: Daemon, tmp_short: Path) -> None:
+    result = serving.ctl("serve", "org/logged", "--engine", "stub", "--name", "logged", "--memory", "2GiB", "--wait")
+    assert result.returncode == 0, result.stderr
+    lines = serving.ctl("logs", "logged", "-n", "3")
+    assert lines.returncode == 0, lines.stderr
+    assert 0 < len(lines.stdout.splitlines()) <= 3
+    everything = serving.ctl("logs", "logged", "-n", "10000").stdout
+    assert "gpushare-stub-engine start" in everything
+    assert "Application startup complete." in everything
+    denied = serving.ctl("logs", "logged", user=OTHER_UID, group=OTHER_UID, extra_groups=[0])
+    assert denied.returncode == 4
+    assert "only the model's owner or an admin may read it" in denied.stderr
+    missing = serving.ctl("logs", "nothing")
+    assert missing.returncode == 1
+    assert "model 'nothing': no such model" in missing.stderr

@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("name")
     stop.add_argument("--keep-allocation", action="store_true", help="keep the partitions reserved")
     commands.add_parser("models", parents=[common], help="all served models")
+    logs = commands.add_parser("logs", help="a model's log (owner or admin)")
+    logs.add_argument("name")
+    logs.add_argument("-n", "--lines", type=_count, default=100, metavar="N", help="last N lines (default 100)")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until interrupted")
     health = commands.add_parser("health", parents=[common], help="grpc.health.v1 check: exit 0 when serving")
     health.add_argument("--service", default="", help="service name (default: the whole server)")
     return parser
@@ -179,6 +183,8 @@ def _run(args: argparse.Namespace, client: Client) -> int:
     elif args.command == "stop":
         stopped = client.stop(args.name, keep_allocation=args.keep_allocation).model
         out(render.to_json(stopped) if args.json else f"stopped {stopped.name}")
+    elif args.command == "logs":
+        return _logs(args, client)
     elif args.command == "models":
         models = client.list_models()
         out(render.to_json(models) if args.json else render.models(models))
@@ -215,6 +221,21 @@ def _serve(args: argparse.Namespace, client: Client, out: Callable[[str], None])
         model = _wait(client, model, args.wait_timeout, None if args.json else out)
     out(render.to_json(model) if args.json else f"{model.name}: {render.state_name(model.state)}  {model.endpoint}")
     return EXIT_OK if not args.wait or model.state == pb.MODEL_STATE_READY else EXIT_REFUSED
+
+
+def _logs(args: argparse.Namespace, client: Client) -> int:
+    response = client.read_model_log(args.name, tail_lines=args.lines or 100, from_offset=None)
+    sys.stdout.buffer.write(response.data)
+    sys.stdout.flush()
+    while args.follow:
+        try:
+            time.sleep(0.5)
+        except KeyboardInterrupt:
+            return EXIT_OK
+        response = client.read_model_log(args.name, tail_lines=0, from_offset=response.next_offset)
+        sys.stdout.buffer.write(response.data)
+        sys.stdout.flush()
+    return EXIT_OK
 
 
 def _wait(client: Client, model: pb.Model, timeout: float, progress: Callable[[str], None] | None) -> pb.Model:

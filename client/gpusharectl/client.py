@@ -157,5 +157,11 @@ class Client:
     def get_model(self, name: str) -> pb.GetModelResponse:
         return self._call(self._stub.GetModel, pb.GetModelRequest(name=name))
 
+    def read_model_log(self, name: str, *, tail_lines: int, from_offset: int | None) -> pb.ReadModelLogResponse:
+        request = pb.ReadModelLogRequest(name=name, tail_lines=tail_lines)
+        if from_offset is not None:
+            request.from_offset = from_offset
+        return self._call(self._stub.ReadModelLog, request)
+
     def health(self, service: str = "") -> health_pb2.HealthCheckResponse:
         return self._call(self._health_check, health_pb2.HealthCheckRequest(service=service))

@@ -21,6 +21,7 @@ from gpushared.adapters.cgroupfs import CgroupError, CgroupFsTree, find_cgroup2_
 from gpushared.adapters.child_process import CgroupLauncher
 from gpushared.adapters.emulated_amdsmi import EmulatedAmdSmi, EmulatorStateError
 from gpushared.adapters.http_probe import HttpProbe
+from gpushared.adapters.model_files import ModelFiles
 from gpushared.adapters.sqlite_state import SqliteAllocationStore
 from gpushared.adapters.user_db import UserDatabase
 from gpushared.config import DEFAULT_CONFIG_PATH, DaemonConfig, load_config, reload_changes, with_overrides
@@ -265,7 +266,7 @@ class Daemon:
             launcher=CgroupLauncher(tree) if tree is not None else None,
             probe=HttpProbe(),
             config=serving,
-            state_dir=config.state_dir,
+            files=ModelFiles(config.state_dir),
             base_env=os.environ,
         )
         await models.restore(store.load_models())
@@ -291,11 +292,13 @@ class Daemon:
             extra={"event": "ready", "socket": str(config.socket), "backend": backend.name},
         )
         refresher = asyncio.create_task(self._refresh(backend, service))
+        housekeeping = asyncio.create_task(models.housekeeping())
         try:
             await self._stop.wait()
         finally:
             log.info("stopping", extra={"event": "stopping"})
             refresher.cancel()
+            housekeeping.cancel()
             await server.stop()
             await models.shutdown()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

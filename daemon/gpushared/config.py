@@ -65,6 +65,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "probe_interval_seconds": (int, float),
         "start_timeout_seconds": (int, float),
         "stop_models_on_exit": bool,
+        "log_max_size": str,
     },
 }
 _QUOTA_KEYS: dict[str, type | tuple[type, ...]] = {"max_allocations": int, "max_memory": (str, int)}
@@ -174,6 +175,11 @@ def _serving(where: str, models: dict[str, Any]) -> ServingConfig:
             if models[key] <= 0:
                 raise ConfigError(f"config {where}: models.{key} must be more than 0")
             changes[attr] = float(models[key])
+    if "log_max_size" in models:
+        try:
+            changes["log_max_bytes"] = parse_size(models["log_max_size"], subject="models.log_max_size")
+        except GpushareError as exc:
+            raise ConfigError(f"config {where}: {exc}") from exc
     if "stop_models_on_exit" in models:
         changes["stop_models_on_exit"] = models["stop_models_on_exit"]
     return replace(serving, **changes)

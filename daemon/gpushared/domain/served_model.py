@@ -26,6 +26,8 @@ class ServingConfig:
     probe_interval: float = 5.0
     start_timeout: float = 600.0
     stop_models_on_exit: bool = False
+    log_max_bytes: int = 64 * 1024 * 1024
+    """Each child's log is rotated (one .1 kept) past this size."""
     restart: RestartPolicy = field(default_factory=RestartPolicy)
 
 

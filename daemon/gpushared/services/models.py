@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import pwd
 import random
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 from gpushared.domain.allocation import Allocation, AllocationRequest
 from gpushared.domain.caller import Caller, authorize_release
-from gpushared.domain.errors import AlreadyExists, FailedPrecondition, NotFound
+from gpushared.domain.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
 from gpushared.domain.gpu import ComputePartition, GpuInfo
 from gpushared.domain.lease import lease_environment, leased_partitions
 from gpushared.domain.model import Engine, ModelSpec, derive_memory_bytes, validate_spec
@@ -23,7 +22,14 @@ from gpushared.domain.served_model import ServedModel, ServingConfig, choose_por
 from gpushared.domain.vllm_args import build_argv, build_env
 from gpushared.ports import ModelDeleted, ModelSaved
 from gpushared.services.allocations import AllocationService
-from gpushared.services.supervision_ports import ChildIdentity, ChildLauncher, ChildSpec, HealthProbe, LeafTree
+from gpushared.services.supervision_ports import (
+    ChildIdentity,
+    ChildLauncher,
+    ChildSpec,
+    HealthProbe,
+    LeafTree,
+    ModelFilesPort,
+)
 from gpushared.services.supervisor import ModelSupervisor
 
 log = logging.getLogger("gpushared.models")
@@ -69,7 +75,7 @@ class ModelService:
         launcher: ChildLauncher | None,
         probe: HealthProbe,
         config: ServingConfig,
-        state_dir: Path,
+        files: ModelFilesPort,
         base_env: Mapping[str, str],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -79,8 +85,7 @@ class ModelService:
         self._launcher = launcher
         self._probe = probe
         self._config = config
-        self._logs_dir = state_dir / "logs"
-        self._run_dir = state_dir / "models"
+        self._files = files
         self._base_env = dict(base_env)
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
@@ -228,20 +233,8 @@ class ModelService:
             memory_bytes_per_partition=allocation.memory_bytes_per_partition,
             kv_cache_bytes_supported=True,
         )
-        home = self._run_dir / record.name
-        self._run_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
-        traversable = os.stat(self._run_dir.parent).st_mode & 0o001
-        if not traversable:
-            raise FailedPrecondition(
-                f"state directory {self._run_dir.parent}: model processes (uid {record.run_as_uid}) cannot reach "
-                f"their home under it",
-                hint=f"chmod o+x {self._run_dir.parent} (its files stay private)",
-            )
-        for directory in (home, home / "tmp", home / "cache"):
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chown(directory, record.run_as_uid, record.run_as_gid)
-        self._logs_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
-        log_path = self._logs_dir / f"{record.name}.log"
+        home = self._files.home(record.name, record.run_as_uid, record.run_as_gid)
+        log_path = self._files.log_path(record.name)
         env = build_env(
             base=self._base_env,
             lease_env=lease_environment(allocation, leased),
@@ -314,6 +307,7 @@ class ModelService:
         else:
             await self._allocations.commit.record(ModelDeleted(name), then=lambda: self._forget(name))
             await self._allocations.release(caller, allocation.id)
+            self._files.remove_home(name)
         log.info("stopped model %s by %s", name, caller.describe(), extra={"event": "stop", "model": name})
         return view
 
@@ -326,6 +320,24 @@ class ModelService:
         authorize_release(caller, allocation)
         await self.stop(caller, name, keep_allocation=False)
         return allocation
+
+    def read_log(self, caller: Caller, name: str, *, offset: int | None, tail_lines: int) -> tuple[bytes, int]:
+        """The owner's or an admin's view of a model's log: it may hold prompts and tracebacks."""
+        entry = self._entry(name)
+        if not (caller.admin or caller.uid == entry.record.owner_uid):
+            raise PermissionDenied(
+                f"model {name}: its log belongs to uid {entry.record.owner_uid}, not to you (uid {caller.uid})",
+                hint="only the model's owner or an admin may read it",
+            )
+        return self._files.read_log(name, offset=offset, tail_lines=tail_lines)
+
+    async def housekeeping(self, interval: float = 30.0) -> None:
+        """Keep every child's log under its size cap, for as long as the daemon runs."""
+        while True:
+            await asyncio.sleep(interval)
+            for name in list(self._entries):
+                if self._files.rotate(name, self._config.log_max_bytes):
+                    log.info("rotated the log of model %s", name, extra={"event": "log_rotated", "model": name})
 
     # -- daemon lifecycle ------------------------------------------------------------------------
 
@@ -343,7 +355,7 @@ class ModelService:
                 await self._allocations.commit.record(ModelDeleted(record.name))
                 continue
             if self._tree is None or not record.running:
-                self._entries[record.name] = _Entry(record, None, self._logs_dir / f"{record.name}.log", ())
+                self._entries[record.name] = _Entry(record, None, self._files.log_path(record.name), ())
                 continue
             entry = self._prepare(record, allocation)
             self._entries[record.name] = entry

@@ -106,6 +106,7 @@ class GpushareServicer:
             "Stop": (pb.StopRequest, self._stop),
             "ListModels": (pb.ListModelsRequest, self._list_models),
             "GetModel": (pb.GetModelRequest, self._get_model),
+            "ReadModelLog": (pb.ReadModelLogRequest, self._read_model_log),
         }
         missing = set(SERVICE.methods_by_name) ^ set(methods)
         if missing:
@@ -217,6 +218,13 @@ class GpushareServicer:
 
     def _get_model(self, caller: Caller, request: pb.GetModelRequest) -> pb.GetModelResponse:
         return pb.GetModelResponse(model=_model_to_pb(self._models.get(request.name)))
+
+    def _read_model_log(self, caller: Caller, request: pb.ReadModelLogRequest) -> pb.ReadModelLogResponse:
+        offset = request.from_offset if request.HasField("from_offset") else None
+        data, next_offset = self._models.read_log(
+            caller, request.name, offset=offset, tail_lines=request.tail_lines or 100
+        )
+        return pb.ReadModelLogResponse(data=data, next_offset=next_offset)
 
 
 ENGINE_FROM_PB = {pb.ENGINE_UNSPECIFIED: Engine.VLLM, pb.ENGINE_VLLM: Engine.VLLM, pb.ENGINE_STUB: Engine.STUB}

@@ -90,6 +90,11 @@ class GpushareStub:
                 request_serializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.GetModelResponse.FromString,
                 _registered_method=True)
+        self.ReadModelLog = channel.unary_unary(
+                '/gpushare.v1.Gpushare/ReadModelLog',
+                request_serializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ReadModelLogRequest.SerializeToString,
+                response_deserializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ReadModelLogResponse.FromString,
+                _registered_method=True)
 
 
 class GpushareServicer:
@@ -186,6 +191,14 @@ class GpushareServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadModelLog(self, request, context):
+        """Read a model's log (its child's stdout and stderr): the last lines, or from an offset to
+        follow it. The model's owner or an admin: logs may hold prompts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GpushareServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -243,6 +256,11 @@ def add_GpushareServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.GetModelRequest.FromString,
                     response_serializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.GetModelResponse.SerializeToString,
+            ),
+            'ReadModelLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadModelLog,
+                    request_deserializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ReadModelLogRequest.FromString,
+                    response_serializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ReadModelLogResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -543,6 +561,33 @@ class Gpushare:
             '/gpushare.v1.Gpushare/GetModel',
             gpushared_dot_api_dot_v1_dot_gpushare__pb2.GetModelRequest.SerializeToString,
             gpushared_dot_api_dot_v1_dot_gpushare__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadModelLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpushare.v1.Gpushare/ReadModelLog',
+            gpushared_dot_api_dot_v1_dot_gpushare__pb2.ReadModelLogRequest.SerializeToString,
+            gpushared_dot_api_dot_v1_dot_gpushare__pb2.ReadModelLogResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -81,6 +81,10 @@ class GpushareStub:
     """All models on the host with their state. Any caller."""
     GetModel: _grpc.UnaryUnaryMultiCallable[_gpushare_pb2.GetModelRequest, _gpushare_pb2.GetModelResponse]
     """One model by name, with its recorded state transitions. Any caller."""
+    ReadModelLog: _grpc.UnaryUnaryMultiCallable[_gpushare_pb2.ReadModelLogRequest, _gpushare_pb2.ReadModelLogResponse]
+    """Read a model's log (its child's stdout and stderr): the last lines, or from an offset to
+    follow it. The model's owner or an admin: logs may hold prompts.
+    """
 
 @_typing.type_check_only
 class GpushareAsyncStub(GpushareStub):
@@ -129,6 +133,10 @@ class GpushareAsyncStub(GpushareStub):
     """All models on the host with their state. Any caller."""
     GetModel: _aio.UnaryUnaryMultiCallable[_gpushare_pb2.GetModelRequest, _gpushare_pb2.GetModelResponse]  # type: ignore[assignment]
     """One model by name, with its recorded state transitions. Any caller."""
+    ReadModelLog: _aio.UnaryUnaryMultiCallable[_gpushare_pb2.ReadModelLogRequest, _gpushare_pb2.ReadModelLogResponse]  # type: ignore[assignment]
+    """Read a model's log (its child's stdout and stderr): the last lines, or from an offset to
+    follow it. The model's owner or an admin: logs may hold prompts.
+    """
 
 class GpushareServicer(metaclass=_abc_1.ABCMeta):
     """Gpushare manages the GPU partitions of one host and hands them out as allocations."""
@@ -240,5 +248,15 @@ class GpushareServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gpushare_pb2.GetModelResponse, _abc.Awaitable[_gpushare_pb2.GetModelResponse]]:
         """One model by name, with its recorded state transitions. Any caller."""
+
+    @_abc_1.abstractmethod
+    def ReadModelLog(
+        self,
+        request: _gpushare_pb2.ReadModelLogRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gpushare_pb2.ReadModelLogResponse, _abc.Awaitable[_gpushare_pb2.ReadModelLogResponse]]:
+        """Read a model's log (its child's stdout and stderr): the last lines, or from an offset to
+        follow it. The model's owner or an admin: logs may hold prompts.
+        """
 
 def add_GpushareServicer_to_server(servicer: GpushareServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
