@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("model", help="hub id (org/name) or absolute path")
     serve.add_argument("--name", help="gpushare name of the model (default: derived from MODEL)")
+    serve.add_argument("--served-name", default="", help="name in /v1/models (default: MODEL)")
     serve.add_argument("--engine", choices=sorted(ENGINE), default="vllm", help="vllm (default) or stub")
     serve.add_argument(
         "--memory", type=_size, metavar="SIZE", help="total memory budget (default: 90%% of each partition)"
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=_count, metavar="N")
     serve.add_argument("--dtype", choices=("auto", "half", "float16", "bfloat16", "float", "float32"))
     serve.add_argument("--max-num-seqs", type=_count, metavar="N")
+    serve.add_argument(
+        "--kv-cache-bytes", type=_size, metavar="SIZE", help="fixed KV cache per partition (default: sized by --memory)"
+    )
     serve.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="extra engine option the admin allows"
     )
@@ -204,6 +208,7 @@ def _serve(args: argparse.Namespace, client: Client, out: Callable[[str], None])
         options.append(pb.EngineOption(name=key, value=value))
     spec = pb.ModelSpec(
         name=name,
+        served_name=args.served_name,
         engine=ENGINE[args.engine],
         model=args.model,
         memory_bytes=args.memory or 0,
@@ -211,6 +216,7 @@ def _serve(args: argparse.Namespace, client: Client, out: Callable[[str], None])
         max_model_len=args.max_model_len or 0,
         dtype=args.dtype or "",
         max_num_seqs=args.max_num_seqs or 0,
+        kv_cache_bytes=args.kv_cache_bytes or 0,
         options=options,
         compute_partition=COMPUTE.get(args.compute or "", pb.COMPUTE_PARTITION_UNSPECIFIED),
     )

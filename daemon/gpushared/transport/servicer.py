@@ -253,6 +253,7 @@ def _spec_from_pb(message: pb.ModelSpec) -> ModelSpec:
         max_model_len=message.max_model_len or None,
         dtype=message.dtype or "auto",
         max_num_seqs=message.max_num_seqs or None,
+        kv_cache_bytes=message.kv_cache_bytes or None,
         options=tuple((o.name, o.value) for o in message.options),
     )
 
@@ -272,6 +273,7 @@ def _model_to_pb(view: ModelView) -> pb.Model:
             max_model_len=spec.max_model_len or 0,
             dtype=spec.dtype,
             max_num_seqs=spec.max_num_seqs or 0,
+            kv_cache_bytes=spec.kv_cache_bytes or 0,
             options=[pb.EngineOption(name=k, value=v) for k, v in spec.options],
         ),
         state=MODEL_STATE_TO_PB[view.state],

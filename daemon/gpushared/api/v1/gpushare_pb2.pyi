@@ -942,6 +942,7 @@ class ModelSpec(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     MAX_NUM_SEQS_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    KV_CACHE_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """the model's gpushare name (also its allocation's name)"""
     engine: Global___Engine.ValueType
@@ -961,6 +962,8 @@ class ModelSpec(_message.Message):
     """auto, half, float16, bfloat16, float, float32; empty = auto"""
     max_num_seqs: _builtins.int
     """0 = the engine's default"""
+    kv_cache_bytes: _builtins.int
+    """fixed KV cache per partition (--kv-cache-memory-bytes); 0 = sized by the budget"""
     @_builtins.property
     def options(self) -> _containers.RepeatedCompositeFieldContainer[Global___EngineOption]: ...
     def __init__(
@@ -978,10 +981,11 @@ class ModelSpec(_message.Message):
         dtype: _builtins.str = ...,
         max_num_seqs: _builtins.int = ...,
         options: _abc.Iterable[Global___EngineOption] | None = ...,
+        kv_cache_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_gpu_index", b"_gpu_index", "gpu_index", b"gpu_index"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gpu_index", b"_gpu_index", "compute_partition", b"compute_partition", "dtype", b"dtype", "engine", b"engine", "gpu_index", b"gpu_index", "max_model_len", b"max_model_len", "max_num_seqs", b"max_num_seqs", "memory_bytes", b"memory_bytes", "model", b"model", "name", b"name", "options", b"options", "partition_count", b"partition_count", "served_name", b"served_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gpu_index", b"_gpu_index", "compute_partition", b"compute_partition", "dtype", b"dtype", "engine", b"engine", "gpu_index", b"gpu_index", "kv_cache_bytes", b"kv_cache_bytes", "max_model_len", b"max_model_len", "max_num_seqs", b"max_num_seqs", "memory_bytes", b"memory_bytes", "model", b"model", "name", b"name", "options", b"options", "partition_count", b"partition_count", "served_name", b"served_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__gpu_index: _TypeAlias = _typing.Literal["gpu_index"]  # noqa: Y015
     _WhichOneofArgType__gpu_index: _TypeAlias = _typing.Literal["_gpu_index", b"_gpu_index"]  # noqa: Y015
