@@ -43,6 +43,9 @@ S = ModelState
 T = TypeVar("T")
 
 LOG_TAIL_LINES = 20
+# Readiness is polled much faster than liveness: until the port listens a probe is one refused
+# connect(), and every 50 ms of polling delay is 50 ms added to each model's time to READY.
+READY_POLL_SECONDS = 0.05
 # How long cgroup.events may take to say "populated 0" after cgroup.kill; longer means a task stuck in the
 # driver (D state), which reliability.md §4 says to report rather than wait on forever.
 EMPTY_TIMEOUT_SECONDS = 10.0
@@ -297,7 +300,7 @@ class ModelSupervisor:
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     return f"not ready within {self.start_timeout:.0f} s (GET /health and /v1/models)"
-                await self._until_exit(asyncio.sleep(min(self._probe_interval, remaining)))
+                await self._until_exit(asyncio.sleep(min(READY_POLL_SECONDS, remaining)))
             except _ChildExited as exited:
                 return f"exited during start: {exited.status.description}"
 
