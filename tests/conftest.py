@@ -104,11 +104,12 @@ class Daemon:
         group: int | None = None,
         extra_groups: list[int] | None = None,
         env: dict[str, str] | None = None,
+        timeout: float = 60,
     ) -> subprocess.CompletedProcess[str]:
         """Run the real gpusharectl CLI, optionally as another uid (no such user needs to exist)."""
         argv = [PYTHON, "-m", "gpusharectl", "--socket", str(self.socket), *args]
         if user is None:
-            return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, check=False)
+            return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, check=False)
         return run_as(argv, user=user, group=group if group is not None else user, extra_groups=extra_groups or [])
 
 

