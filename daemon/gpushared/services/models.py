@@ -90,6 +90,7 @@ class ModelService:
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
         self._pool_gates: dict[tuple[str, int], asyncio.Lock] = {}
+        self._starting: set[asyncio.Task[None]] = set()
 
     # -- queries ---------------------------------------------------------------------------------
 
@@ -175,7 +176,7 @@ class ModelService:
         self._entries[spec.name] = entry
         await self._allocations.commit.record(ModelSaved(record), undo=lambda: self._forget(spec.name))
         assert entry.supervisor is not None
-        await entry.supervisor.start()
+        self._start_in_background(entry.supervisor)
         log.info(
             "serving model %s (%s, %s engine) on %s as uid %d",
             spec.name,
@@ -373,10 +374,24 @@ class ModelService:
                 record.name,
                 extra={"event": "restart_after_daemon_down", "model": record.name},
             )
-            await entry.supervisor.start()
+            self._start_in_background(entry.supervisor)
+
+    def _start_in_background(self, supervisor: ModelSupervisor) -> None:
+        """Start without holding the caller: waiting for the pool's start slot can take minutes (another
+        vLLM profiling memory there), and neither an RPC nor the daemon's startup may wait that long."""
+        task = asyncio.get_running_loop().create_task(supervisor.start(), name=f"start {supervisor.spec.name}")
+        self._starting.add(task)
+        task.add_done_callback(self._started)
+
+    def _started(self, task: asyncio.Task[None]) -> None:
+        self._starting.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("starting %s failed: %s", task.get_name(), task.exception(), extra={"event": "start_failed"})
 
     async def shutdown(self) -> None:
         """Daemon exit: leave children running (re-adopted next start) unless configured to stop them."""
+        for task in list(self._starting):
+            task.cancel()
         for entry in self._entries.values():
             if entry.supervisor is None:
                 continue
