@@ -144,6 +144,18 @@ def run_as(argv: list[str], *, user: int, group: int, extra_groups: list[int]) -
     )
 
 
+def destroy_cgroup(root: Path, patience: float = 10.0) -> None:
+    """Kill everything a test left under a cgroup subtree, then rmdir it bottom-up (no code under test)."""
+    if not root.is_dir():
+        return
+    (root / "cgroup.kill").write_text("1")
+    deadline = time.monotonic() + patience
+    while "populated 1" in (root / "cgroup.events").read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for directory, _, _ in os.walk(root, topdown=False):
+        os.rmdir(directory)
+
+
 @pytest.fixture
 def tmp_short() -> Iterator[Path]:
     path = short_dir("gs-")

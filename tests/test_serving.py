@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -15,43 +16,26 @@ from pathlib import Path
 import pytest
 
 from gpushared.adapters.cgroupfs import find_cgroup2_mount
-from tests.conftest import OTHER_UID, Daemon, _world_readable_source
+from tests.conftest import OTHER_UID, Daemon, _world_readable_source, destroy_cgroup
 
 MOUNT = find_cgroup2_mount()
 
 
-def cleanup_cgroup(root: Path) -> None:
-    """Kill whatever the test left in its subtree, then remove it bottom-up."""
-    if not root.exists():
-        return
-    for leaf in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        kill = leaf / "cgroup.kill"
-        if kill.exists():
-            kill.write_text("1")
-        for _ in range(100):
-            if "populated 0" in (leaf / "cgroup.events").read_text():
-                break
-            time.sleep(0.05)
-        leaf.rmdir()
-    root.rmdir()
-
-
-@pytest.fixture
-def serving(tmp_short: Path) -> Iterator[Daemon]:
+@contextlib.contextmanager
+def daemon_with_models(tmp_short: Path, models_config: str) -> Iterator[Daemon]:
+    """A daemon with its own cgroup subtree for model leaves; the subtree is destroyed afterwards."""
     if MOUNT is None:
         pytest.fail("these tests need a writable cgroup v2 mount; none is mounted")
     tmp_short.chmod(0o755)
     root = MOUNT / f"gpushare-test-{secrets.token_hex(4)}"
-    stub = _world_readable_source() / "gpushared" / "stub_engine.py"
+    low = 18100 + os.getpid() % 500 * 2
     config = f"""
 [daemon]
 socket_group = ""
 [models]
 cgroup_root = "{root}"
-port_range = "{18100 + os.getpid() % 500}-{18199 + os.getpid() % 500}"
-stub_launcher = ["{sys.executable}", "-I", "{stub}"]
-grace_seconds = 3
-probe_interval_seconds = 0.5
+port_range = "{low}-{low + 99}"
+{models_config}
 """
     d = Daemon(tmp_short, config=config)
     try:
@@ -60,7 +44,19 @@ probe_interval_seconds = 0.5
     finally:
         if d.process is not None and d.process.poll() is None:
             d.stop()
-        cleanup_cgroup(root)
+        destroy_cgroup(root)
+
+
+@pytest.fixture
+def serving(tmp_short: Path) -> Iterator[Daemon]:
+    stub = _world_readable_source() / "gpushared" / "stub_engine.py"
+    config = f"""
+stub_launcher = ["{sys.executable}", "-I", "{stub}"]
+grace_seconds = 3
+probe_interval_seconds = 0.5
+"""
+    with daemon_with_models(tmp_short, config) as d:
+        yield d
 
 
 def show(d: Daemon, name: str) -> dict[str, object]:

@@ -22,7 +22,7 @@ from gpushared.adapters.child_process import CgroupLauncher, start_time
 from gpushared.adapters.http_probe import HttpProbe
 from gpushared.domain.model_state import ModelState, RestartPolicy
 from gpushared.services.supervisor import ChildIdentity, ChildSpec, ModelSupervisor
-from tests.conftest import _world_readable_source
+from tests.conftest import _world_readable_source, destroy_cgroup
 
 BASE = find_cgroup2_mount()
 OTHER_UID = 4242
@@ -95,18 +95,6 @@ class World:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-def _destroy(root: Path) -> None:
-    """Kill everything under root, then rmdir bottom-up; uses no code under test."""
-    if not root.is_dir():
-        return
-    (root / "cgroup.kill").write_text("1")
-    deadline = time.monotonic() + PATIENCE
-    while "populated 1" in (root / "cgroup.events").read_text() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    for directory, _, _ in os.walk(root, topdown=False):
-        os.rmdir(directory)
-
-
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
     assert BASE is not None
@@ -114,7 +102,7 @@ def world(tmp_path: Path) -> Iterator[World]:
     try:
         yield World(CgroupFsTree(root), tmp_path)
     finally:
-        _destroy(root)
+        destroy_cgroup(root, PATIENCE)
     assert not root.exists()
 
 

