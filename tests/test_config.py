@@ -83,6 +83,12 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
         ("[quota.users.bob]\nmax_gpus = 1\n", "unknown key quota.users.bob.max_gpus"),
         ("daemon = 3\n", "daemon must be a table"),
         ("[daemon\n", "not valid TOML"),
+        ("[models]\npids_max = -1\n", "models.pids_max = -1 is out of range"),
+        ("[models]\ncpu_weight = 0\n", "models.cpu_weight = 0 is out of range"),
+        ("[models]\nport_range = '80-90'\n", "is not LOW-HIGH within 1024-65535"),
+        ("[models]\noption_allowlist = ['no-such-flag']\n", "models.option_allowlist"),
+        ("[models]\nvllm_launcher = []\n", "must be a non-empty list of strings"),
+        ("[models]\ngrace_seconds = 0\n", "models.grace_seconds must be more than 0"),
     ],
 )
 def test_errors_name_the_key_and_file(tmp_path: Path, text: str, message: str) -> None:

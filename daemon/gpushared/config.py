@@ -66,6 +66,9 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "start_timeout_seconds": (int, float),
         "stop_models_on_exit": bool,
         "log_max_size": str,
+        "host_memory_max": str,
+        "pids_max": int,
+        "cpu_weight": int,
     },
 }
 _QUOTA_KEYS: dict[str, type | tuple[type, ...]] = {"max_allocations": int, "max_memory": (str, int)}
@@ -180,6 +183,18 @@ def _serving(where: str, models: dict[str, Any]) -> ServingConfig:
             changes["log_max_bytes"] = parse_size(models["log_max_size"], subject="models.log_max_size")
         except GpushareError as exc:
             raise ConfigError(f"config {where}: {exc}") from exc
+    if "host_memory_max" in models:
+        try:
+            changes["host_memory_max"] = parse_size(models["host_memory_max"], subject="models.host_memory_max") or None
+        except GpushareError as exc:
+            raise ConfigError(f"config {where}: {exc}") from exc
+    for key, low, high in (("pids_max", 0, 4194304), ("cpu_weight", 1, 10000)):
+        if key in models:
+            if not low <= models[key] <= high:
+                raise ConfigError(
+                    f"config {where}: models.{key} = {models[key]} is out of range", hint=f"use {low} to {high}"
+                )
+            changes[key] = models[key] or None
     if "stop_models_on_exit" in models:
         changes["stop_models_on_exit"] = models["stop_models_on_exit"]
     return replace(serving, **changes)

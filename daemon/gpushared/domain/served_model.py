@@ -28,6 +28,10 @@ class ServingConfig:
     stop_models_on_exit: bool = False
     log_max_bytes: int = 64 * 1024 * 1024
     """Each child's log is rotated (one .1 kept) past this size."""
+    host_memory_max: int | None = None
+    """memory.max of each model's leaf (host RAM, not GPU memory); None = no limit."""
+    pids_max: int | None = 8192
+    cpu_weight: int | None = 100
     restart: RestartPolicy = field(default_factory=RestartPolicy)
 
 

@@ -25,6 +25,7 @@ from gpushared.services.allocations import AllocationService
 from gpushared.services.supervision_ports import (
     ChildIdentity,
     ChildLauncher,
+    ChildLimits,
     ChildSpec,
     HealthProbe,
     LeafTree,
@@ -257,6 +258,11 @@ class ModelService:
             port=record.port,
             served_name=spec.served_model_name,
             log_path=log_path,
+            limits=ChildLimits(
+                memory_max=self._config.host_memory_max,
+                pids_max=self._config.pids_max,
+                cpu_weight=self._config.cpu_weight,
+            ),
         )
         gpu = view.inventory.gpu_by_bdf(allocation.partitions[0].gpu_bdf)
         gate = self._gate(gpu, allocation.partitions[0].partition_id)

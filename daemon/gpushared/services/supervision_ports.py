@@ -10,6 +10,15 @@ from typing import Protocol
 
 
 @dataclass(frozen=True)
+class ChildLimits:
+    """Host-side limits for a model's cgroup leaf; None leaves the kernel default (no limit)."""
+
+    memory_max: int | None = None
+    pids_max: int | None = None
+    cpu_weight: int | None = None
+
+
+@dataclass(frozen=True)
 class ChildSpec:
     """How to run one model server child; everything is already validated and resolved (vllm_args builds argv/env)."""
 
@@ -26,6 +35,7 @@ class ChildSpec:
     log_path: Path
     """stdout and stderr are appended here by the child itself through an fd the daemon opens: never a pipe the
     daemon must drain (a full pipe blocks the child while the daemon is down, reliability.md §3)."""
+    limits: ChildLimits = field(default_factory=lambda: ChildLimits())
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,10 @@ class LeafTree(Protocol):
     def wait_empty(self, name: str, timeout: float) -> bool: ...
 
     def remove_leaf(self, name: str) -> None: ...
+
+    def set_limits(
+        self, name: str, *, memory_max: int | None, pids_max: int | None, cpu_weight: int | None
+    ) -> list[str]: ...
 
 
 class HealthProbe(Protocol):

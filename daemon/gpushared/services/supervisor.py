@@ -237,6 +237,13 @@ class ModelSupervisor:
         name = self.spec.name
         if name not in self._tree.leaves():
             self._tree.create_leaf(name)
+            limits = self.spec.limits
+            not_applied = self._tree.set_limits(
+                name, memory_max=limits.memory_max, pids_max=limits.pids_max, cpu_weight=limits.cpu_weight
+            )
+            for line in not_applied:
+                # Said plainly, once per leaf: on a host without the controllers the limits do not exist.
+                _log.warning("model %s: %s", name, line, extra={"event": "limit_not_applied", "model": name})
         elif self._tree.populated(name):
             # Something we do not hold runs in our leaf (a previous daemon's child that was not re-adopted):
             # starting a second server next to it would fight it for the port and the memory.
