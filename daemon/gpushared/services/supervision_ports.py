@@ -35,7 +35,7 @@ class ChildSpec:
     log_path: Path
     """stdout and stderr are appended here by the child itself through an fd the daemon opens: never a pipe the
     daemon must drain (a full pipe blocks the child while the daemon is down, reliability.md §3)."""
-    limits: ChildLimits = field(default_factory=lambda: ChildLimits())
+    limits: ChildLimits = field(default_factory=ChildLimits)
 
 
 @dataclass(frozen=True)
