@@ -161,6 +161,10 @@ def test_serve_runs_as_the_caller_and_hostile_specs_start_nothing(serving: Daemo
         extra_groups=[0],
     )
     assert result.returncode == 0, result.stderr
+    again = serving.ctl("serve", "org/small", "--engine", "stub", "--name", "mine", "--memory", "4GiB")
+    assert again.returncode == 1
+    assert "model mine: a model of that name exists" in again.stderr
+    assert len(json.loads(serving.ctl("--json", "list").stdout)["allocations"]) == 1, "the refused serve left nothing"
     model = show(serving, "mine")
     pid = int(str(model["pid"]))
     assert proc_status(pid)["Uid"].split()[0] == str(OTHER_UID)

@@ -165,17 +165,26 @@ class ModelService:
                 policy=None,
             ),
         )
+        # Nothing half-done on failure: the allocation and the home go again, and no record stays behind.
         try:
+            if spec.name in self._entries:  # taken by a concurrent Serve while we waited for the allocation
+                raise AlreadyExists(f"model {spec.name}: a model of that name exists")
             port = choose_port(
                 self._config.port_low, self._config.port_high, {e.record.port for e in self._entries.values()}
             )
             record = ServedModel(spec.name, spec, allocation.id, caller.uid, uid, gid, port, time.time())
             entry = self._prepare(record, allocation)
+            self._entries[spec.name] = entry
+            await self._allocations.commit.record(ModelSaved(record), undo=lambda: self._forget(spec.name))
         except BaseException:
+            if (
+                self._entries.get(spec.name) is not None
+                and self._entries[spec.name].record.allocation_id == allocation.id
+            ):
+                self._forget(spec.name)
+                self._files.remove_home(spec.name)
             await self._allocations.release(caller, allocation.id)
             raise
-        self._entries[spec.name] = entry
-        await self._allocations.commit.record(ModelSaved(record), undo=lambda: self._forget(spec.name))
         assert entry.supervisor is not None
         self._start_in_background(entry.supervisor)
         log.info(
