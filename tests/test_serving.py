@@ -143,6 +143,13 @@ def test_serve_runs_as_the_caller_and_hostile_specs_start_nothing(serving: Daemo
     for args, code in bad:
         result = serving.ctl(*args)
         assert result.returncode == code, (args, result.stderr)
+    private = serving.root / "private-model"
+    private.mkdir(mode=0o700)
+    unreadable = serving.ctl(
+        "serve", str(private), "--engine", "stub", "--name", "p", user=OTHER_UID, group=OTHER_UID, extra_groups=[0]
+    )
+    assert unreadable.returncode == 4
+    assert f"uid {OTHER_UID}, which the model runs as, cannot read it" in unreadable.stderr
     assert json.loads(serving.ctl("--json", "models").stdout).get("models", []) == []
     assert json.loads(serving.ctl("--json", "list").stdout).get("allocations", []) == []
 

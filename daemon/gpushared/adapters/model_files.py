@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import BinaryIO
 
 from gpushared.domain.errors import FailedPrecondition
+
+
+_log = logging.getLogger("gpushared.models")
 
 
 class ModelFiles:
@@ -37,6 +42,27 @@ class ModelFiles:
             directory.mkdir(mode=0o700, exist_ok=True)
             os.chown(directory, uid, gid)
         return home
+
+    def readable_by(self, path: str, uid: int, gid: int) -> bool:
+        """Whether ``uid`` can read ``path`` (and enter it, for a directory), checked AS that user.
+
+        The daemon runs as root, whose view says nothing about the child's: the check runs in a
+        short-lived process with the child's credentials, as the kernel would judge the child.
+        """
+        result = subprocess.run(
+            ["/bin/sh", "-c", 'test -r "$1" && { test ! -d "$1" || test -x "$1"; }', "sh", path],
+            user=uid,
+            group=gid,
+            extra_groups=[],
+            env={"PATH": "/usr/bin:/bin"},
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+            timeout=10,
+        )
+        return result.returncode == 0
 
     def remove_home(self, name: str) -> None:
         shutil.rmtree(self._homes / name, ignore_errors=True)

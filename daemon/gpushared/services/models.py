@@ -153,6 +153,11 @@ class ModelService:
                 f"model {spec.name}: a model of that name exists", hint="stop it first or pick another --name"
             )
         uid, gid = self._run_as(caller)
+        if spec.model.startswith("/") and not await asyncio.to_thread(self._files.readable_by, spec.model, uid, gid):
+            raise PermissionDenied(
+                f"model {spec.model[:200]}: uid {uid}, which the model runs as, cannot read it",
+                hint="make the path readable by that user (the daemon never reads models on its behalf)",
+            )
         memory = derive_memory_bytes(spec, self._smallest_cap(gpu_index, compute))
         allocation = await self._allocations.allocate(
             caller,
