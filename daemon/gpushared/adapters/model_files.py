@@ -11,7 +11,6 @@ from typing import BinaryIO
 
 from gpushared.domain.errors import FailedPrecondition
 
-
 _log = logging.getLogger("gpushared.models")
 
 
