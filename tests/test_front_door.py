@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from gpushared.transport.front_door import FrontDoor, FrontDoorError, PeerIdentity, identity_from_peer
+from tests.conftest import wait_for
 
 OTHER_UID = 4242
 OTHER_GID = 4242
@@ -198,14 +199,6 @@ def whoami(public: Path) -> dict[str, Any]:
         reply = call(b"", timeout=30)
     result: dict[str, Any] = json.loads(reply)
     return result
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def connect(path: Path) -> socket.socket:

@@ -20,26 +20,12 @@ from typing import Any
 import pytest
 
 from gpushared import stub_engine
+from tests.conftest import free_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 # Variables the stub reads; a developer's shell must not leak them into these tests.
 _SCRUB = ("VLLM_API_KEY", "HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "VLLM_SERVER_DEV_MODE")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def proc_stat(pid: int) -> tuple[str, str, int, int] | None:

@@ -8,7 +8,6 @@ import os
 import random
 import secrets
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ from gpushared.adapters.child_process import CgroupLauncher, start_time
 from gpushared.adapters.http_probe import HttpProbe
 from gpushared.domain.model_state import ModelState, RestartPolicy
 from gpushared.services.supervisor import ChildIdentity, ChildSpec, ModelSupervisor
-from tests.conftest import _world_readable_source, destroy_cgroup
+from tests.conftest import _world_readable_source, destroy_cgroup, free_port
 
 BASE = find_cgroup2_mount()
 OTHER_UID = 4242
@@ -34,13 +33,6 @@ FAST = RestartPolicy(base_seconds=0.05, cap_seconds=0.2, max_failures=5, window_
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or BASE is None, reason="needs root and a writable cgroup2 mount")
 S = ModelState
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
