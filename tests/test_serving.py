@@ -109,6 +109,8 @@ def test_serve_answer_survive_daemon_kill_and_stop(serving: Daemon) -> None:
     shown = serving.ctl("show", "tiny").stdout
     assert "pending -> starting: launched pid" in shown
     assert "starting -> ready: GET /health 200 and /v1/models lists 'stub-org/tiny'" in shown
+    uptime = next(line for line in shown.splitlines() if line.startswith("uptime"))
+    assert uptime.split()[1].endswith("s") and uptime.split()[1] != "-"
 
     # kill -9 of the daemon: the model keeps running and is re-adopted, not restarted.
     serving.stop(signal.SIGKILL)

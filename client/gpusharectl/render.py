@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import pwd
 import shlex
 from collections.abc import Sequence
@@ -194,6 +195,7 @@ def model(m: pb.Model) -> str:
         f"endpoint    {m.endpoint}",
         f"pid         {m.pid or '-'} (runs as {user_name(m.run_as_uid)}, uid {m.run_as_uid})",
         f"restarts    {m.restarts}",
+        f"uptime      {_uptime(m)}",
         f"allocation  {m.allocation_id}",
         f"log         {m.log_path}",
         "transitions",
@@ -205,3 +207,15 @@ def model(m: pb.Model) -> str:
         lines.append("last error")
         lines.extend(f"  {line}" for line in m.last_error.splitlines())
     return "\n".join(lines)
+
+
+def _uptime(m: pb.Model) -> str:
+    """Time since the model last became READY, from its recorded transitions."""
+    if m.state not in (pb.MODEL_STATE_READY, pb.MODEL_STATE_UNHEALTHY):
+        return "-"
+    ready = [t.at.ToDatetime() for t in m.transitions if t.target == pb.MODEL_STATE_READY]
+    if not ready:
+        return "-"
+    seconds = int((datetime.datetime.now(datetime.UTC).replace(tzinfo=None) - ready[-1]).total_seconds())
+    hours, rest = divmod(max(seconds, 0), 3600)
+    return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else f"{rest // 60}m{rest % 60:02d}s"
