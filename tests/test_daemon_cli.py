@@ -278,3 +278,15 @@ def test_server_reflection_lists_the_services(daemon: Daemon) -> None:
         assert {"gpushare.v1.Gpushare", "grpc.health.v1.Health"} <= services
         descriptor = database.FindFileContainingSymbol("gpushare.v1.Gpushare")
         assert descriptor.package == "gpushare.v1"
+
+
+def test_missing_socket_directory_is_created(tmp_short: Path) -> None:
+    # As /run/gpushared when gpushared runs outside systemd (no RuntimeDirectory=).
+    d = Daemon(tmp_short)
+    d.socket = tmp_short / "run" / "gpushared" / "gpushared.sock"
+    d.start()
+    try:
+        assert (tmp_short / "run" / "gpushared").stat().st_mode & 0o777 == 0o755
+        ok(d.ctl("status"))
+    finally:
+        assert d.stop() == 0, d.log()

@@ -93,6 +93,10 @@ def test_full_disk_refuses_cleanly_and_recovers(small_disk: Path, tmp_short: Pat
                         if allocation.name == "during":
                             stub.Release(pb.ReleaseRequest(id=allocation.id))
             assert failures == 1, "the disk never filled up"
+            # The CLI reports it as a refusal (exit 1, the daemon's words), not as an unreachable daemon.
+            refused = d.ctl("allocate", "--memory", "1GiB")
+            assert refused.returncode == 1, refused.stderr
+            assert "cannot record the change" in refused.stderr
             listed = stub.ListAllocations(pb.ListAllocationsRequest()).allocations
             assert [a.name for a in listed] == ["before"], "a refused allocation leaves no trace"
             partitions = stub.ListPartitions(pb.ListPartitionsRequest()).partitions

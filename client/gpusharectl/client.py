@@ -48,8 +48,8 @@ def socket_path(flag: str | None) -> Path:
     return Path(env) if env else DEFAULT_SOCKET
 
 
-def _unreachable(path: Path) -> CtlError:
-    """Say precisely why the socket cannot be used, from the errno of a plain connect()."""
+def _unreachable(path: Path) -> CtlError | None:
+    """Say precisely why the socket cannot be used, from the errno of a plain connect(); None if it can."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(2.0)
@@ -71,6 +71,8 @@ def _unreachable(path: Path) -> CtlError:
         return CtlError(f"{path}: no such socket; gpushared is not running there", EXIT_UNREACHABLE, hint=start)
     if code == errno.ECONNREFUSED:
         return CtlError(f"{path}: connection refused; gpushared is not running", EXIT_UNREACHABLE, hint=start)
+    if code == 0:
+        return None
     return CtlError(
         f"{path}: gpushared did not answer", EXIT_UNREACHABLE, hint=f"check `systemctl status gpushared`; {start}"
     )
@@ -107,7 +109,10 @@ class Client:
             if key == HINT_METADATA_KEY:
                 hint = str(value)
         if code == grpc.StatusCode.UNAVAILABLE:
-            return _unreachable(self.path)
+            # UNAVAILABLE is also the daemon's answer for transient refusals (a busy device, a full
+            # disk): only when the socket itself cannot be reached is the daemon unreachable.
+            problem = _unreachable(self.path)
+            return problem if problem is not None else CtlError(details, EXIT_REFUSED, hint=hint)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return CtlError(
                 f"{self.path}: gpushared did not answer within {self.timeout:g}s",

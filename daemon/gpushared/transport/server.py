@@ -37,6 +37,9 @@ def internal_dir_for(public_socket: Path) -> Path:
 def prepare_private_dir(path: Path) -> None:
     """Create a 0700 directory owned by us, or refuse one that someone else could have prepared."""
     try:
+        # The socket's own directory (e.g. /run/gpushared when systemd did not create it) must exist
+        # and stay traversable by API users; only the internal directory below it is private.
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         path.mkdir(mode=0o700, exist_ok=True)
         info = path.lstat()
     except OSError as exc:
