@@ -172,7 +172,7 @@ def test_serve_runs_as_the_caller_and_hostile_specs_start_nothing(serving: Daemo
     assert result.returncode == 0, result.stderr
     again = serving.ctl("serve", "org/small", "--engine", "stub", "--name", "mine", "--memory", "4GiB")
     assert again.returncode == 1
-    assert "model mine: a model of that name exists" in again.stderr
+    assert "model mine: a model of that name exists (" in again.stderr
     assert len(json.loads(serving.ctl("--json", "list").stdout)["allocations"]) == 1, "the refused serve left nothing"
     model = show(serving, "mine")
     pid = int(str(model["pid"]))
@@ -180,8 +180,14 @@ def test_serve_runs_as_the_caller_and_hostile_specs_start_nothing(serving: Daemo
     assert model["owner_uid"] == OTHER_UID
     refused = serving.ctl("stop", "mine", user=OTHER_UID + 1, group=OTHER_UID + 1, extra_groups=[0])
     assert refused.returncode == 4
-    assert serving.ctl("release", str(model["allocation_id"])).returncode == 0, "release stops the model first"
+    kept = serving.ctl("stop", "mine", "--keep-allocation", user=OTHER_UID, group=OTHER_UID, extra_groups=[0])
+    assert kept.returncode == 0, kept.stderr
     assert not alive(pid)
+    blocked = serving.ctl("serve", "org/small", "--engine", "stub", "--name", "mine")
+    assert blocked.returncode == 1
+    assert "(stopped)" in blocked.stderr and "`gpusharectl stop NAME` releases it" in blocked.stderr
+    assert serving.ctl("release", str(model["allocation_id"])).returncode == 0, "release stops the model first"
+    assert json.loads(serving.ctl("--json", "models").stdout).get("models", []) == []
 
 
 def test_daemon_kill_with_eight_models_readopts_all_with_no_restart(serving: Daemon) -> None:

@@ -149,9 +149,11 @@ class ModelService:
             )
         validate_spec(spec, self._config.option_allowlist)
         if spec.name in self._entries:
-            raise AlreadyExists(
-                f"model {spec.name}: a model of that name exists", hint="stop it first or pick another --name"
-            )
+            existing = self._view(self._entries[spec.name])
+            hint = "stop it first (`gpusharectl stop NAME`) or pick another --name"
+            if existing.state is ModelState.STOPPED:
+                hint = "it is stopped with its allocation kept; `gpusharectl stop NAME` releases it, then serve again"
+            raise AlreadyExists(f"model {spec.name}: a model of that name exists ({existing.state})", hint=hint)
         uid, gid = self._run_as(caller)
         if spec.model.startswith("/") and not await asyncio.to_thread(self._files.readable_by, spec.model, uid, gid):
             raise PermissionDenied(
