@@ -775,6 +775,18 @@ def test_hang_after(stubs: Callable[..., Stub]) -> None:
     assert stub.wait_exit() == 0, stub.log()
 
 
+def test_stall_after_keeps_health_200_while_completions_never_finish(stubs: Callable[..., Stub]) -> None:
+    stub = stubs("--stub-stall-after", "0.3").wait_ready()
+    prompt = {"model": "tiny-model", "prompt": "hi", "max_tokens": 1}
+    wait_for(lambda: "engine stalled" in stub.log(), "the engine to stall")
+    with pytest.raises(TimeoutError):
+        request(stub.port, "POST", "/v1/completions", prompt, timeout=1.0)
+    assert stub.health() == 200, "a hung engine still says healthy: only a completion notices"
+    assert stub.proc is not None
+    stub.proc.send_signal(signal.SIGTERM)
+    assert stub.wait_exit() == 0, stub.log()
+
+
 def test_ignore_sigterm(stubs: Callable[..., Stub]) -> None:
     stub = stubs(env={"GPUSHARE_STUB_IGNORE_SIGTERM": "1"}).wait_ready()
     engine = stub.engine()

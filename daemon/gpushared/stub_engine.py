@@ -236,6 +236,12 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     stub.add_argument("--stub-die-after", type=float, default=None, help="API server crashes N s after ready")
     stub.add_argument("--stub-die-exit-code", type=int, default=None, help="exit status of that crash (1)")
     stub.add_argument("--stub-hang-after", type=float, default=None, help="stop answering HTTP N s after ready")
+    stub.add_argument(
+        "--stub-stall-after",
+        type=float,
+        default=None,
+        help="engine stops generating N s after ready; /health still answers 200",
+    )
     stub.add_argument("--stub-ignore-sigterm", action="store_true", default=None, help="ignore SIGTERM")
     stub.add_argument("--stub-engine-death-after", type=float, default=None, help="EngineCore dies N s after ready")
     stub.add_argument(
@@ -335,6 +341,7 @@ class Settings:
     die_after: float | None = None
     die_exit_code: int = 1
     hang_after: float | None = None
+    stall_after: float | None = None
     ignore_sigterm: bool = False
     engine_death_after: float | None = None
     engine_death_grace: float = 2.0
@@ -464,6 +471,7 @@ def settings_from_args(namespace: argparse.Namespace, non_default: dict[str, Any
         die_after=_stub_float(ns.stub_die_after, "DIE_AFTER", None),
         die_exit_code=die_code,
         hang_after=_stub_float(ns.stub_hang_after, "HANG_AFTER", None),
+        stall_after=_stub_float(ns.stub_stall_after, "STALL_AFTER", None),
         ignore_sigterm=ignore,
         engine_death_after=_stub_float(ns.stub_engine_death_after, "ENGINE_DEATH_AFTER", None),
         engine_death_grace=_stub_float(ns.stub_engine_death_grace, "ENGINE_DEATH_GRACE", 2.0) or 0.0,
@@ -658,6 +666,7 @@ class Engine:
         self.dead = threading.Event()
         self.abort = threading.Event()
         self.hung = threading.Event()
+        self.stalled = threading.Event()
         self.running = 0
         self.waiting = 0
         self.kv_blocks = 0
@@ -712,8 +721,10 @@ class Engine:
             self.waiting += count
         scheduled_at: float | None = None
         try:
-            while not self.slots.acquire(timeout=0.05):
-                self.check()
+            # A stalled engine (--stub-stall-after) schedules nothing, the way a wedged GPU kernel stops vLLM's
+            # engine loop while the API server still answers /health 200 (vllm.md §4).
+            while self.stalled.is_set() or not self.slots.acquire(timeout=0.05):
+                self._pause(0.05)
             scheduled_at = time.monotonic()
             with self.lock:
                 self.waiting -= count
@@ -1976,13 +1987,14 @@ class ApiServer:
         s = self.s
         ready_at = time.monotonic()
         hang_at = ready_at + s.hang_after if s.hang_after is not None else None
+        stall_at = ready_at + s.stall_after if s.stall_after is not None else None
         die_at = ready_at + s.die_after if s.die_after is not None else None
         exit_at: float | None = None
         stats_at = ready_at + s.stats_interval if not s.disable_log_stats and s.stats_interval > 0 else None
         last_stats = (0, 0)
         last_active = False
         while True:
-            deadlines = [d for d in (hang_at, die_at, exit_at, stats_at) if d is not None]
+            deadlines = [d for d in (hang_at, stall_at, die_at, exit_at, stats_at) if d is not None]
             timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
             readable = self._wait([self.engine_r] if self.engine_r is not None else [], timeout)
             if self._take_stop_request():
@@ -1998,6 +2010,10 @@ class ApiServer:
                 hang_at = None
                 _log("WARNING", "stub_engine.py:1", "gpushare stub: no longer answering HTTP (--stub-hang-after)")
                 self.engine.hung.set()
+            if stall_at is not None and now >= stall_at:
+                stall_at = None
+                _log("WARNING", "stub_engine.py:1", "gpushare stub: engine stalled (--stub-stall-after)")
+                self.engine.stalled.set()
             if die_at is not None and now >= die_at:
                 self.crash()
             if exit_at is not None and now >= exit_at:
