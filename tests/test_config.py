@@ -89,6 +89,8 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
         ("[models]\noption_allowlist = ['no-such-flag']\n", "models.option_allowlist"),
         ("[models]\nvllm_launcher = []\n", "must be a non-empty list of strings"),
         ("[models]\ngrace_seconds = 0\n", "models.grace_seconds must be more than 0"),
+        ("[models]\ncompletion_probe_interval_seconds = -1\n", "must be 0 \\(off\\) or more"),
+        ("[models]\ncompletion_probe_timeout_seconds = 0\n", "completion_probe_timeout_seconds must be more than 0"),
     ],
 )
 def test_errors_name_the_key_and_file(tmp_path: Path, text: str, message: str) -> None:
@@ -96,6 +98,14 @@ def test_errors_name_the_key_and_file(tmp_path: Path, text: str, message: str) -
     with pytest.raises(ConfigError, match=message) as info:
         load_config(path)
     assert str(path) in str(info.value)
+
+
+def test_completion_probe_is_off_unless_configured(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "")).serving.completion_probe_interval == 0.0
+    config = load_config(
+        write(tmp_path, "[models]\ncompletion_probe_interval_seconds = 60\ncompletion_probe_timeout_seconds = 20\n")
+    )
+    assert (config.serving.completion_probe_interval, config.serving.completion_probe_timeout) == (60.0, 20.0)
 
 
 def test_missing_explicit_file(tmp_path: Path) -> None:

@@ -91,7 +91,8 @@ def test_allocate_list_show_release_and_restart(daemon: Daemon) -> None:
     second = ok(daemon.ctl("allocate", "--memory", "100GiB", "--partitions", "2", "--policy", "pack"))
     assert "memory      100 GiB (50 GiB per partition, 53687091200 bytes)" in second
     listed = ok(daemon.ctl("list")).splitlines()
-    assert listed[0].split()[:5] == ["ID", "NAME", "OWNER", "GPU/PART", "MEMORY"]
+    assert listed[0].split()[:6] == ["ID", "NAME", "MODEL", "OWNER", "GPU/PART", "MEMORY"]
+    assert listed[1].split()[2] == "-", "no model runs on a bare allocation"
     assert len(listed) == 3
     assert allocation_id in listed[1]
     assert "llama-8b" in listed[1]

@@ -7,8 +7,10 @@ import json
 import os
 import secrets
 import signal
+import sqlite3
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -229,3 +231,86 @@ def test_logs_are_the_owners_and_follow_rotation(serving: Daemon, tmp_short: Pat
     missing = serving.ctl("logs", "nothing")
     assert missing.returncode == 1
     assert "model 'nothing': no such model" in missing.stderr
+
+
+def wait_state(d: Daemon, name: str, state: str) -> dict[str, object]:
+    for _ in range(300):
+        model = show(d, name)
+        if model["state"] == state:
+            return model
+        time.sleep(0.1)
+    pytest.fail(f"model {name} never reached {state}: {model}")
+
+
+def start_seconds(d: Daemon, name: str) -> list[float]:
+    db = sqlite3.connect(f"file:{d.state_dir / 'gpushared.db'}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT start_seconds FROM model WHERE name = ?", (name,)).fetchone()
+    finally:
+        db.close()
+    durations: list[float] = json.loads(row[0])
+    return durations
+
+
+def models_get(endpoint: str, key: str | None) -> int:
+    request = urllib.request.Request(f"{endpoint}/models")
+    if key is not None:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def test_api_key_is_required_kept_across_daemon_restarts_and_never_shown(serving: Daemon, tmp_short: Path) -> None:
+    key = "gs-" + secrets.token_hex(16)
+    key_file = tmp_short / "key"
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    result = serving.ctl(
+        "serve", "org/keyed", "--engine", "stub", "--name", "keyed", "--memory", "2GiB",
+        "--api-key-file", str(key_file), "--wait",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr + result.stdout
+    model = show(serving, "keyed")
+    endpoint, pid = str(model["endpoint"]), int(str(model["pid"]))
+    assert model["api_key_required"] is True
+    assert models_get(endpoint, None) == 401
+    assert models_get(endpoint, key) == 200, "the probe sent the key, or the model would not be READY"
+    assert "requires its API key" in serving.ctl("show", "keyed").stdout
+    assert f"VLLM_API_KEY={key}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert key.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), "argv is world-readable"
+    for shown in (serving.ctl("--json", "show", "keyed").stdout, serving.ctl("--json", "models").stdout):
+        assert key not in shown
+    listed = serving.ctl("list").stdout.splitlines()
+    assert listed[1].split()[2] == "keyed", "the allocation names the model on it"
+    assert len(start_seconds(serving, "keyed")) == 1, "the start duration is recorded"
+
+    # The daemon dies and the child dies while it is down: the next daemon restarts it with the same key.
+    serving.stop(signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
+    serving.start()
+    model = wait_state(serving, "keyed", "MODEL_STATE_READY")
+    assert int(str(model["pid"])) != pid
+    assert models_get(str(model["endpoint"]), key) == 200
+    assert models_get(str(model["endpoint"]), None) == 401
+    assert len(start_seconds(serving, "keyed")) == 2, "earlier starts survived the daemon restart"
+    assert key not in serving.log()
+
+
+def test_bad_api_keys_are_refused_and_start_nothing(serving: Daemon, tmp_short: Path) -> None:
+    empty = tmp_short / "empty"
+    empty.write_text("\n")
+    spaced = tmp_short / "spaced"
+    spaced.write_text("two words\n")
+    for path, code, message in (
+        (empty, 2, f"--api-key-file {empty}: the first line is empty"),
+        (tmp_short / "missing", 2, f"--api-key-file {tmp_short / 'missing'}: cannot read it"),
+        (spaced, 1, "api key: must be 1-512 visible ASCII characters"),
+    ):
+        result = serving.ctl("serve", "org/k", "--engine", "stub", "--name", "k", "--api-key-file", str(path))
+        assert result.returncode == code, result.stderr
+        assert message in result.stderr
+    assert json.loads(serving.ctl("--json", "models").stdout).get("models", []) == []
+    assert json.loads(serving.ctl("--json", "list").stdout).get("allocations", []) == []

@@ -16,7 +16,7 @@ from gpushared.adapters.sqlite_state import DB_NAME, SqliteAllocationStore
 from gpushared.domain.allocation import Allocation, PartitionRef, PlacementPolicy
 from gpushared.domain.errors import StateError
 from gpushared.domain.model import ModelSpec
-from gpushared.domain.served_model import ServedModel
+from gpushared.domain.served_model import ServedModel, spec_to_json
 from gpushared.ports import ModelDeleted, ModelSaved
 
 
@@ -101,7 +101,7 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / DB_NAME)
     db.execute("PRAGMA user_version=7")
     db.close()
-    with pytest.raises(StateError, match=r"written by a newer gpushared \(schema 7; this one reads 2\)"):
+    with pytest.raises(StateError, match=r"written by a newer gpushared \(schema 7; this one reads 3\)"):
         SqliteAllocationStore(tmp_path)
 
 
@@ -149,8 +149,23 @@ def test_schema_1_is_upgraded_in_place_keeping_allocations(tmp_path: Path) -> No
     assert store.load_models() == []
     store.close()
     db = sqlite3.connect(tmp_path / DB_NAME)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
     db.close()
+
+
+def test_schema_2_models_gain_no_key_and_no_start_history(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    db.executescript(f"{sqlite_state._SCHEMA} {sqlite_state._MODEL_TABLE} PRAGMA user_version=2;")
+    spec = ModelSpec(name="m1", model="org/model", engine="stub")
+    db.execute(
+        "INSERT INTO model VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        ("m1", spec_to_json(spec), "a-000000000001", 1000, 1000, 1000, 8100, 5.0, 42, 99, 1),
+    )
+    db.commit()
+    db.close()
+    store = SqliteAllocationStore(tmp_path)
+    assert store.load_models() == [ServedModel("m1", spec, "a-000000000001", 1000, 1000, 1000, 8100, 5.0, 42, 99)]
+    store.close()
 
 
 def test_models_round_trip(tmp_path: Path) -> None:
@@ -162,3 +177,18 @@ def test_models_round_trip(tmp_path: Path) -> None:
     store.apply([ModelDeleted("m1")])
     assert store.load_models() == []
     store.close()
+
+
+def test_model_key_and_start_durations_round_trip_and_the_key_stays_out_of_repr(tmp_path: Path) -> None:
+    spec = ModelSpec(name="m1", model="org/model", engine="stub")
+    model = ServedModel(
+        "m1", spec, "a-000000000001", 1000, 1000, 1000, 8100, 5.0, api_key="s3cret-KEY", start_seconds=(1.5, 40.25)
+    )
+    store = SqliteAllocationStore(tmp_path)
+    store.apply([ModelSaved(model)])
+    store.close()
+    store = SqliteAllocationStore(tmp_path)
+    assert store.load_models() == [model]
+    store.close()
+    assert "s3cret" not in repr(model)
+    assert oct((tmp_path / DB_NAME).stat().st_mode & 0o777) == "0o600", "the file holds API keys"

@@ -66,6 +66,8 @@ class World:
         grace: float = 2.0,
         gate: asyncio.Lock | None = None,
         start_timeout: float = PATIENCE,
+        completion_probe_interval: float = 0.0,
+        start_durations: tuple[float, ...] = (),
     ) -> ModelSupervisor:
         return ModelSupervisor(
             spec,
@@ -80,6 +82,9 @@ class World:
             start_timeout=start_timeout,
             on_change=lambda sup: self.changes.append(sup.state),
             start_gate=gate,
+            completion_probe_interval=completion_probe_interval,
+            completion_probe_timeout=0.5,
+            start_durations=start_durations,
         )
 
     def log(self) -> str:
@@ -358,5 +363,82 @@ def test_start_timeout_counts_as_a_failure(world: World) -> None:
         finally:
             await sup.stop()
         assert_gone(world)
+
+    asyncio.run(scenario())
+
+
+def test_stalled_engine_is_caught_by_the_completion_probe_and_restarted(world: World) -> None:
+    async def scenario() -> None:
+        sup = world.supervisor(world.spec("--stub-stall-after", "0.3"), completion_probe_interval=0.2)
+        try:
+            await sup.start()
+            await sup.wait_state(S.READY, timeout=PATIENCE)
+            assert sup.identity is not None
+            first = sup.identity.pid
+            await until(lambda: sup.lifecycle.restarts >= 1, "a restart of the stalled engine")
+            assert not alive(first)
+            targets = [t.target for t in sup.lifecycle.history]
+            assert targets[:4] == [S.STARTING, S.READY, S.UNHEALTHY, S.BACKOFF]
+            assert "one-token completion got no answer within 0.5 s" in sup.lifecycle.history[2].reason
+            assert "killing the hung server" in sup.lifecycle.history[3].reason
+        finally:
+            await sup.stop()
+        assert_gone(world)
+
+    asyncio.run(scenario())
+
+
+def test_completion_probe_keeps_a_working_engine_ready(world: World) -> None:
+    async def scenario() -> None:
+        sup = world.supervisor(world.spec(), completion_probe_interval=0.1)
+        try:
+            await sup.start()
+            await sup.wait_state(S.READY, timeout=PATIENCE)
+            await until(lambda: "POST /v1/completions" in world.log(), "a completion probe to reach the server")
+            await asyncio.sleep(1.0)
+            assert sup.state is S.READY and sup.lifecycle.restarts == 0
+            assert world.log().count("POST /v1/completions") >= 3, "probed again and again, and answered"
+        finally:
+            await sup.stop()
+
+    asyncio.run(scenario())
+
+
+def test_probes_send_the_models_api_key(world: World) -> None:
+    async def scenario() -> None:
+        keyed = world.spec()
+        keyed = replace(keyed, env={**keyed.env, "VLLM_API_KEY": "k-123"}, api_key="k-123")
+        sup = world.supervisor(keyed)
+        try:
+            await sup.start()
+            await sup.wait_state(S.READY, timeout=PATIENCE)
+        finally:
+            await sup.stop()
+        assert_gone(world)
+
+        # The control: a server that requires a key the probe does not send never counts as ready.
+        unkeyed = replace(keyed, api_key=None, port=free_port())
+        sup = world.supervisor(unkeyed, policy=replace(FAST, max_failures=1), start_timeout=1.5)
+        try:
+            await sup.start()
+            await sup.wait_state(S.FAILED, timeout=PATIENCE)
+            assert "not ready within" in sup.lifecycle.last_error
+        finally:
+            await sup.stop()
+        assert_gone(world)
+
+    asyncio.run(scenario())
+
+
+def test_start_timeout_is_learned_from_earlier_starts(world: World) -> None:
+    async def scenario() -> None:
+        sup = world.supervisor(world.spec(), start_timeout=1.0, start_durations=(2.0,))
+        assert sup.start_timeout == 6.0, "three times the slowest earlier start, above the floor"
+        try:
+            await sup.start()
+            await sup.wait_state(S.READY, timeout=PATIENCE)
+            assert len(sup.start_durations) == 2 and 0 < sup.start_durations[-1] < PATIENCE
+        finally:
+            await sup.stop()
 
     asyncio.run(scenario())

@@ -7,6 +7,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from gpusharectl import render
 from gpusharectl.client import (
@@ -124,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="extra engine option the admin allows"
     )
+    serve.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help="require this key (the file's first line; - reads stdin) as a bearer token on the model's /v1 "
+        "endpoints; never given on the command line, which other users can read",
+    )
     serve.add_argument("--wait", action="store_true", help="wait until the model is READY (or FAILED)")
     serve.add_argument("--wait-timeout", type=float, default=900.0, metavar="SECONDS", help="for --wait (default 900)")
     stop = commands.add_parser("stop", parents=[common], help="stop a model and release its allocation")
@@ -222,11 +229,24 @@ def _serve(args: argparse.Namespace, client: Client, out: Callable[[str], None])
     )
     if args.gpu is not None:
         spec.gpu_index = args.gpu
-    model = client.serve(spec).model
+    model = client.serve(spec, api_key=_read_api_key(args.api_key_file)).model
     if args.wait:
         model = _wait(client, model, args.wait_timeout, None if args.json else out)
     out(render.to_json(model) if args.json else f"{model.name}: {render.state_name(model.state)}  {model.endpoint}")
     return EXIT_OK if not args.wait or model.state == pb.MODEL_STATE_READY else EXIT_REFUSED
+
+
+def _read_api_key(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        text = sys.stdin.readline() if path == "-" else Path(path).read_text().split("\n", 1)[0]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CtlError(f"--api-key-file {path}: cannot read it ({exc})", EXIT_USAGE) from exc
+    key = text.strip()
+    if not key:
+        raise CtlError(f"--api-key-file {path}: the first line is empty", EXIT_USAGE)
+    return key
 
 
 def _logs(args: argparse.Namespace, client: Client) -> int:

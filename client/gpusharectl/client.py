@@ -150,8 +150,8 @@ class Client:
     def get_allocation(self, allocation_id: str) -> pb.GetAllocationResponse:
         return self._call(self._stub.GetAllocation, pb.GetAllocationRequest(id=allocation_id))
 
-    def serve(self, spec: pb.ModelSpec) -> pb.ServeResponse:
-        return self._call(self._stub.Serve, pb.ServeRequest(spec=spec))
+    def serve(self, spec: pb.ModelSpec, *, api_key: str | None = None) -> pb.ServeResponse:
+        return self._call(self._stub.Serve, pb.ServeRequest(spec=spec, api_key=api_key))
 
     def stop(self, name: str, *, keep_allocation: bool) -> pb.StopResponse:
         return self._call(self._stub.Stop, pb.StopRequest(name=name, keep_allocation=keep_allocation))

@@ -128,6 +128,7 @@ def allocations(response: pb.ListAllocationsResponse) -> str:
         (
             a.id,
             a.name or "-",
+            a.model or "-",
             user_name(a.owner_uid),
             where(a),
             format_bytes(a.memory_bytes_total),
@@ -136,13 +137,14 @@ def allocations(response: pb.ListAllocationsResponse) -> str:
         )
         for a in response.allocations
     ]
-    return table(("ID", "NAME", "OWNER", "GPU/PART", "MEMORY", "STATE", "CREATED (UTC)"), rows)
+    return table(("ID", "NAME", "MODEL", "OWNER", "GPU/PART", "MEMORY", "STATE", "CREATED (UTC)"), rows)
 
 
 def allocation(a: pb.Allocation) -> str:
     lines = [
         f"id          {a.id}",
         f"name        {a.name or '-'}",
+        f"model       {a.model or '-'}",
         f"owner       {user_name(a.owner_uid)} (uid {a.owner_uid})",
         f"state       {_enum(a.state, pb.AllocationState, 'ALLOCATION_STATE_').lower()}"
         + (f": {a.state_reason}" if a.state_reason else ""),
@@ -192,10 +194,11 @@ def model(m: pb.Model) -> str:
         f"name        {m.name}",
         f"model       {m.spec.model} ({_enum(m.spec.engine, pb.Engine, 'ENGINE_').lower()} engine, served as {m.spec.served_name})",
         f"state       {state_name(m.state)}" + (f": {m.last_error.splitlines()[0]}" if m.last_error else ""),
-        f"endpoint    {m.endpoint}",
+        f"endpoint    {m.endpoint}" + ("  (requires its API key as a bearer token)" if m.api_key_required else ""),
         f"pid         {m.pid or '-'} (runs as {user_name(m.run_as_uid)}, uid {m.run_as_uid})",
         f"restarts    {m.restarts}",
         f"uptime      {_uptime(m)}",
+        f"start limit {m.start_timeout_seconds:.0f} s (learned from its earlier starts)",
         f"allocation  {m.allocation_id}",
         f"log         {m.log_path}",
         "transitions",

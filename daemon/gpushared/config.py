@@ -64,6 +64,8 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "grace_seconds": (int, float),
         "probe_interval_seconds": (int, float),
         "start_timeout_seconds": (int, float),
+        "completion_probe_interval_seconds": (int, float),
+        "completion_probe_timeout_seconds": (int, float),
         "stop_models_on_exit": bool,
         "log_max_size": str,
         "host_memory_max": str,
@@ -173,11 +175,19 @@ def _serving(where: str, models: dict[str, Any]) -> ServingConfig:
         ("grace_seconds", "grace_seconds"),
         ("probe_interval_seconds", "probe_interval"),
         ("start_timeout_seconds", "start_timeout"),
+        ("completion_probe_timeout_seconds", "completion_probe_timeout"),
     ):
         if key in models:
             if models[key] <= 0:
                 raise ConfigError(f"config {where}: models.{key} must be more than 0")
             changes[attr] = float(models[key])
+    if "completion_probe_interval_seconds" in models:
+        if models["completion_probe_interval_seconds"] < 0:
+            raise ConfigError(
+                f"config {where}: models.completion_probe_interval_seconds must be 0 (off) or more",
+                hint="e.g. 60 sends a one-token completion to each model every minute",
+            )
+        changes["completion_probe_interval"] = float(models["completion_probe_interval_seconds"])
     if "log_max_size" in models:
         try:
             changes["log_max_bytes"] = parse_size(models["log_max_size"], subject="models.log_max_size")

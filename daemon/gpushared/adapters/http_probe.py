@@ -18,15 +18,30 @@ class HttpProbe:
         self.host = host
         self.timeout = timeout
 
-    async def get(self, port: int, path: str) -> tuple[int, bytes]:
+    async def get(self, port: int, path: str, *, api_key: str | None = None) -> tuple[int, bytes]:
         """Status and body of GET ``path``; raises OSError, TimeoutError or ValueError (not HTTP)."""
-        async with asyncio.timeout(self.timeout):
+        return await self.request(port, "GET", path, api_key=api_key)
+
+    async def request(
+        self,
+        port: int,
+        method: str,
+        path: str,
+        *,
+        api_key: str | None = None,
+        body: bytes = b"",
+        timeout: float | None = None,
+    ) -> tuple[int, bytes]:
+        """Status and body of one request; raises OSError, TimeoutError or ValueError (not HTTP)."""
+        headers = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{port}\r\nAccept: application/json\r\n"
+        if api_key is not None:
+            headers += f"Authorization: Bearer {api_key}\r\n"
+        if body:
+            headers += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        async with asyncio.timeout(self.timeout if timeout is None else timeout):
             reader, writer = await asyncio.open_connection(self.host, port)
             try:
-                writer.write(
-                    f"GET {path} HTTP/1.1\r\nHost: {self.host}:{port}\r\nAccept: application/json\r\n"
-                    "Connection: close\r\n\r\n".encode()
-                )
+                writer.write(f"{headers}Connection: close\r\n\r\n".encode() + body)
                 await writer.drain()
                 status_line = await reader.readline()
                 parts = status_line.decode("latin-1").split()
@@ -58,14 +73,26 @@ class HttpProbe:
             return False
         return status == 200
 
-    async def ready(self, port: int, served_name: str) -> bool:
+    async def ready(self, port: int, served_name: str, *, api_key: str | None = None) -> bool:
         if not await self.health(port):
             return False
         try:
-            status, body = await self.get(port, "/v1/models")
+            status, body = await self.get(port, "/v1/models", api_key=api_key)
             listing = json.loads(body)
         except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):
             return False
         if status != 200 or not isinstance(listing, dict) or not isinstance(listing.get("data"), list):
             return False
         return any(isinstance(entry, dict) and entry.get("id") == served_name for entry in listing["data"])
+
+    async def completes(self, port: int, served_name: str, *, api_key: str | None, timeout: float) -> bool:
+        # One token of a fixed prompt: the cheapest request that needs the engine to schedule and step.
+        body = json.dumps({"model": served_name, "prompt": "ping", "max_tokens": 1, "temperature": 0}).encode()
+        try:
+            status, answer = await self.request(
+                port, "POST", "/v1/completions", api_key=api_key, body=body, timeout=timeout
+            )
+            parsed = json.loads(answer)
+        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):
+            return False
+        return status == 200 and isinstance(parsed, dict) and isinstance(parsed.get("choices"), list)

@@ -19,7 +19,7 @@ from gpushared.domain.errors import StateError, StateWriteError
 from gpushared.domain.served_model import ServedModel, spec_from_json, spec_to_json
 from gpushared.ports import AllocationAdded, AllocationRemoved, ModelSaved, StoreChange
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_NAME = "gpushared.db"
 
 _SCHEMA = """
@@ -51,8 +51,13 @@ CREATE TABLE model (
     running INTEGER NOT NULL
 ) STRICT;
 """
+# Schema 3: a model's API key (the file is root-only, 0600) and its last start durations (JSON list of seconds).
+_MODEL_KEY_AND_STARTS = """
+ALTER TABLE model ADD COLUMN api_key TEXT;
+ALTER TABLE model ADD COLUMN start_seconds TEXT NOT NULL DEFAULT '[]';
+"""
 # Each entry upgrades the schema from its index + 1 to the next version, inside one transaction.
-_MIGRATIONS = (_MODEL_TABLE,)
+_MIGRATIONS = (_MODEL_TABLE, _MODEL_KEY_AND_STARTS)
 
 _FIX = "move the file aside to start with no allocations, or restore it from a backup"
 
@@ -156,7 +161,7 @@ class SqliteAllocationStore:
     def load_models(self) -> list[ServedModel]:
         rows = self._db.execute(
             "SELECT name, spec, allocation_id, owner_uid, run_as_uid, run_as_gid, port, created_at, pid,"
-            " start_time, running FROM model ORDER BY created_at, name"
+            " start_time, running, api_key, start_seconds FROM model ORDER BY created_at, name"
         ).fetchall()
         models = []
         for row in rows:
@@ -174,6 +179,8 @@ class SqliteAllocationStore:
                         pid=int(row[8]),
                         start_time=int(row[9]),
                         running=bool(row[10]),
+                        api_key=None if row[11] is None else str(row[11]),
+                        start_seconds=tuple(float(x) for x in json.loads(row[12])),
                     )
                 )
             except (ValueError, TypeError, KeyError) as exc:
@@ -182,7 +189,7 @@ class SqliteAllocationStore:
 
     def _save_model(self, model: ServedModel) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO model VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO model VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 model.name,
                 spec_to_json(model.spec),
@@ -195,6 +202,8 @@ class SqliteAllocationStore:
                 model.pid,
                 model.start_time,
                 int(model.running),
+                model.api_key,
+                json.dumps(list(model.start_seconds)),
             ),
         )
 

@@ -10,6 +10,9 @@ from gpushared.domain.errors import ResourceExhausted
 from gpushared.domain.model import ModelSpec
 from gpushared.domain.model_state import RestartPolicy
 
+KEEP_START_SECONDS = 5
+"""Start durations kept per model: enough to learn from, short enough to forget an old slow version."""
+
 
 @dataclass(frozen=True)
 class ServingConfig:
@@ -24,6 +27,10 @@ class ServingConfig:
     option_allowlist: frozenset[str] = frozenset()
     grace_seconds: float = 30.0
     probe_interval: float = 5.0
+    completion_probe_interval: float = 0.0
+    """Seconds between one-token completions as a liveness probe (0 = off). /health alone misses a hung
+    engine: it answers 200 as long as the engine has not errored (vllm.md §4)."""
+    completion_probe_timeout: float = 60.0
     start_timeout: float = 600.0
     stop_models_on_exit: bool = False
     log_max_bytes: int = 64 * 1024 * 1024
@@ -51,6 +58,12 @@ class ServedModel:
     start_time: int = 0
     running: bool = True
     """Desired state: False once stopped with its allocation kept."""
+    api_key: str | None = field(default=None, repr=False)
+    """Clients must send it as a bearer token to /v1/*; kept for restarts, never shown (repr=False keeps it out
+    of logs and tracebacks)."""
+    start_seconds: tuple[float, ...] = ()
+    """How long its last starts took to READY (newest last), so the learned start timeout survives a daemon
+    restart."""
 
     def with_child(self, pid: int, start_time: int) -> ServedModel:
         return replace(self, pid=pid, start_time=start_time)

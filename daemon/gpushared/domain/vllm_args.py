@@ -232,6 +232,17 @@ def _checked_value(name: str, value: str) -> str:
     return value
 
 
+def validate_api_key(api_key: str) -> str:
+    """The key itself, if vLLM and an HTTP header can carry it unchanged."""
+    if not isinstance(api_key, str) or not 1 <= len(api_key) <= MAX_API_KEY_CHARS or not _API_KEY.fullmatch(api_key):
+        # An empty key would silently turn authentication off (vLLM checks `if api_key`).
+        raise InvalidArgument(
+            f"api key: must be 1-{MAX_API_KEY_CHARS} visible ASCII characters",
+            hint="leave it unset for no key; spaces and control characters are not allowed",
+        )
+    return api_key
+
+
 def build_env(
     *,
     base: Mapping[str, str],
@@ -287,13 +298,7 @@ def build_env(
     env["VLLM_CACHE_ROOT"] = cache_dir + "/vllm"
 
     if api_key is not None:
-        if not 1 <= len(api_key) <= MAX_API_KEY_CHARS or not _API_KEY.fullmatch(api_key):
-            # An empty key would silently turn authentication off (vLLM checks `if api_key`).
-            raise InvalidArgument(
-                f"api key: must be 1-{MAX_API_KEY_CHARS} visible ASCII characters",
-                hint="leave it unset for no key; spaces and control characters are not allowed",
-            )
-        env["VLLM_API_KEY"] = api_key
+        env["VLLM_API_KEY"] = validate_api_key(api_key)
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
         env["TRANSFORMERS_OFFLINE"] = "1"

@@ -18,8 +18,8 @@ from gpushared.domain.gpu import ComputePartition, GpuInfo
 from gpushared.domain.lease import lease_environment, leased_partitions
 from gpushared.domain.model import Engine, ModelSpec, derive_memory_bytes, validate_spec
 from gpushared.domain.model_state import ModelState, Transition
-from gpushared.domain.served_model import ServedModel, ServingConfig, choose_port
-from gpushared.domain.vllm_args import build_argv, build_env
+from gpushared.domain.served_model import KEEP_START_SECONDS, ServedModel, ServingConfig, choose_port
+from gpushared.domain.vllm_args import build_argv, build_env, validate_api_key
 from gpushared.ports import ModelDeleted, ModelSaved
 from gpushared.services.allocations import AllocationService
 from gpushared.services.supervision_ports import (
@@ -56,6 +56,8 @@ class ModelView:
     transitions: tuple[Transition, ...]
     log_path: Path
     argv: tuple[str, ...]
+    start_timeout: float
+    """Seconds a start may take before it counts as failed, learned from the model's earlier starts."""
 
     @property
     def endpoint(self) -> str:
@@ -118,7 +120,9 @@ class ModelService:
     def _view(self, entry: _Entry) -> ModelView:
         supervisor = entry.supervisor
         if supervisor is None:
-            return ModelView(entry.record, ModelState.STOPPED, 0, 0, "", (), entry.log_path, entry.argv)
+            return ModelView(
+                entry.record, ModelState.STOPPED, 0, 0, "", (), entry.log_path, entry.argv, self._config.start_timeout
+            )
         lifecycle = supervisor.lifecycle
         pid = (
             supervisor.identity.pid
@@ -135,12 +139,19 @@ class ModelService:
             tuple(lifecycle.history),
             entry.log_path,
             entry.argv,
+            supervisor.start_timeout,
         )
 
     # -- serve -----------------------------------------------------------------------------------
 
     async def serve(
-        self, caller: Caller, spec: ModelSpec, *, gpu_index: int | None, compute: ComputePartition | None
+        self,
+        caller: Caller,
+        spec: ModelSpec,
+        *,
+        gpu_index: int | None,
+        compute: ComputePartition | None,
+        api_key: str | None = None,
     ) -> ModelView:
         if self._tree is None or self._launcher is None:
             raise FailedPrecondition(
@@ -148,6 +159,8 @@ class ModelService:
                 hint="allocation still works; see `gpushared --help` for --cgroup-root",
             )
         validate_spec(spec, self._config.option_allowlist)
+        if api_key is not None:
+            validate_api_key(api_key)
         if spec.name in self._entries:
             existing = self._view(self._entries[spec.name])
             hint = "stop it first (`gpusharectl stop NAME`) or pick another --name"
@@ -179,7 +192,9 @@ class ModelService:
             port = choose_port(
                 self._config.port_low, self._config.port_high, {e.record.port for e in self._entries.values()}
             )
-            record = ServedModel(spec.name, spec, allocation.id, caller.uid, uid, gid, port, time.time())
+            record = ServedModel(
+                spec.name, spec, allocation.id, caller.uid, uid, gid, port, time.time(), api_key=api_key
+            )
             entry = self._prepare(record, allocation)
             self._entries[spec.name] = entry
             await self._allocations.commit.record(ModelSaved(record), undo=lambda: self._forget(spec.name))
@@ -260,7 +275,7 @@ class ModelService:
             tmpdir=str(home / "tmp"),
             cache_dir=str(home / "cache"),
             hf_home=str(home / "cache" / "hf"),
-            api_key=None,
+            api_key=record.api_key,
             offline=True,
         )
         child = ChildSpec(
@@ -279,6 +294,7 @@ class ModelService:
                 pids_max=self._config.pids_max,
                 cpu_weight=self._config.cpu_weight,
             ),
+            api_key=record.api_key,
         )
         gpu = view.inventory.gpu_by_bdf(allocation.partitions[0].gpu_bdf)
         gate = self._gate(gpu, allocation.partitions[0].partition_id)
@@ -296,6 +312,9 @@ class ModelService:
             start_timeout=config.start_timeout,
             on_change=self._on_change,
             start_gate=gate,
+            start_durations=record.start_seconds,
+            completion_probe_interval=config.completion_probe_interval,
+            completion_probe_timeout=config.completion_probe_timeout,
         )
         return _Entry(record, supervisor, log_path, tuple(argv))
 
@@ -309,10 +328,15 @@ class ModelService:
         identity = supervisor.identity
         if entry is None or identity is None:
             return
-        if (identity.pid, identity.start_time) == (entry.record.pid, entry.record.start_time):
+        record = entry.record.with_child(identity.pid, identity.start_time)
+        durations = tuple(supervisor.start_durations[-KEEP_START_SECONDS:])
+        if durations != record.start_seconds:
+            record = replace(record, start_seconds=durations)
+        if record == entry.record:
             return
-        entry.record = entry.record.with_child(identity.pid, identity.start_time)
-        # The new identity must survive a daemon crash, or re-adoption would not recognise the child.
+        entry.record = record
+        # The new identity must survive a daemon crash, or re-adoption would not recognise the child; the start
+        # durations, or the next daemon would forget how long this model takes to load.
         asyncio.get_running_loop().create_task(self._allocations.commit.record(ModelSaved(entry.record)))
 
     # -- stop ------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ class ChildSpec:
     name: str
     """The cgroup leaf name, one per model (e.g. model-<id>)."""
     argv: tuple[str, ...]
-    env: Mapping[str, str] = field(hash=False)
+    env: Mapping[str, str] = field(hash=False, repr=False)
+    """May hold VLLM_API_KEY: kept out of repr, so out of logs."""
     cwd: str
     uid: int | None
     gid: int | None
@@ -36,6 +37,8 @@ class ChildSpec:
     """stdout and stderr are appended here by the child itself through an fd the daemon opens: never a pipe the
     daemon must drain (a full pipe blocks the child while the daemon is down, reliability.md §3)."""
     limits: ChildLimits = field(default_factory=ChildLimits)
+    api_key: str | None = field(default=None, repr=False)
+    """The bearer token the probes send to /v1/* (vLLM then requires it there; /health stays open)."""
 
 
 @dataclass(frozen=True)
@@ -112,8 +115,12 @@ class HealthProbe(Protocol):
         """GET /health answered 200 within the probe's timeout."""
         ...
 
-    async def ready(self, port: int, served_name: str) -> bool:
+    async def ready(self, port: int, served_name: str, *, api_key: str | None = None) -> bool:
         """Healthy, and GET /v1/models lists served_name (the server answers for the model we asked for)."""
+        ...
+
+    async def completes(self, port: int, served_name: str, *, api_key: str | None, timeout: float) -> bool:
+        """A one-token completion is answered within ``timeout``: the engine itself works, not only the API."""
         ...
 
 

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -91,16 +91,23 @@ class ModelSupervisor:
         unhealthy_after: int = 3,
         kill_after: int = 3,
         wall_clock: Callable[[], float] = time.time,
+        start_durations: Sequence[float] = (),
+        completion_probe_interval: float = 0.0,
+        completion_probe_timeout: float = 60.0,
     ) -> None:
         """``clock`` is monotonic (deadlines, backoff); ``wall_clock`` stamps transitions and the crash-loop window
         (ModelLifecycle keeps one time base for both). ``start_timeout`` is the floor of learned_start_timeout.
         ``unhealthy_after`` failed liveness probes make READY UNHEALTHY; ``kill_after`` more restart the child.
         ``start_gate`` is shared by the models of one memory pool: held from launch until READY or failure, so
-        two vLLM instances never profile free memory at the same time (vllm.md §6)."""
+        two vLLM instances never profile free memory at the same time (vllm.md §6). ``start_durations`` are the
+        model's earlier starts (persisted by the caller) that the start timeout is learned from.
+        ``completion_probe_interval`` > 0 adds a one-token completion to liveness every that many seconds: vLLM's
+        /health answers 200 while the engine hangs (vllm.md §4). One that fails makes READY UNHEALTHY at once
+        (it already waited ``completion_probe_timeout``); ``kill_after`` more, one per probe interval, restart."""
         self.spec = spec
         self.lifecycle = ModelLifecycle()
         self.identity: ChildIdentity | None = None
-        self.start_durations: list[float] = []
+        self.start_durations: list[float] = list(start_durations)
         self._tree = tree
         self._launcher = launcher
         self._probe = probe
@@ -116,6 +123,8 @@ class ModelSupervisor:
         self._gate_held = False
         self._unhealthy_after = unhealthy_after
         self._kill_after = kill_after
+        self._completion_interval = completion_probe_interval
+        self._completion_timeout = completion_probe_timeout
         self._child: ChildProcess | None = None
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
@@ -301,7 +310,9 @@ class ModelSupervisor:
         started = self._clock()
         while True:
             try:
-                if await self._until_exit(self._probe.ready(self.spec.port, self.spec.served_name)):
+                if await self._until_exit(
+                    self._probe.ready(self.spec.port, self.spec.served_name, api_key=self.spec.api_key)
+                ):
                     self.start_durations.append(self._clock() - started)
                     return None
                 remaining = deadline - self._clock()
@@ -313,24 +324,49 @@ class ModelSupervisor:
 
     async def _watch(self) -> str:
         """Liveness while READY/UNHEALTHY; returns why the child must be restarted."""
-        failures = 0
+        health_failures = completion_failures = 0
+        next_completion = self._clock() + self._completion_interval
         while True:
             try:
                 await self._until_exit(asyncio.sleep(self._probe_interval))
                 healthy = await self._until_exit(self._probe.health(self.spec.port))
+                health_failures = 0 if healthy else health_failures + 1
+                if (
+                    healthy
+                    and self._completion_interval > 0
+                    and (completion_failures or self._clock() >= next_completion)
+                ):
+                    answered = await self._until_exit(
+                        self._probe.completes(
+                            self.spec.port,
+                            self.spec.served_name,
+                            api_key=self.spec.api_key,
+                            timeout=self._completion_timeout,
+                        )
+                    )
+                    completion_failures = 0 if answered else completion_failures + 1
+                    next_completion = self._clock() + self._completion_interval
             except _ChildExited as exited:
                 return f"exited unexpectedly: {exited.status.description}"
-            if healthy:
-                failures = 0
+            if health_failures == 0 and completion_failures == 0:
                 if self.state is S.UNHEALTHY:
-                    self._transition(S.READY, "GET /health answers 200 again")
+                    self._transition(S.READY, "probes pass again")
                 self.lifecycle.note_healthy(self._wall(), self._policy)
                 continue
-            failures += 1
-            if self.state is S.READY and failures >= self._unhealthy_after:
-                self._transition(S.UNHEALTHY, f"GET /health failed {failures} times in a row")
-            elif self.state is S.UNHEALTHY and failures >= self._unhealthy_after + self._kill_after:
-                return f"GET /health failed {failures} times in a row; killing the hung server"
+            if completion_failures:
+                why = (
+                    f"a one-token completion got no answer within {self._completion_timeout:g} s "
+                    f"{completion_failures} times in a row (/health still says 200: the engine hangs)"
+                )
+                unhealthy, kill = completion_failures >= 1, completion_failures >= 1 + self._kill_after
+            else:
+                why = f"GET /health failed {health_failures} times in a row"
+                unhealthy = health_failures >= self._unhealthy_after
+                kill = health_failures >= self._unhealthy_after + self._kill_after
+            if self.state is S.READY and unhealthy:
+                self._transition(S.UNHEALTHY, why)
+            elif self.state is S.UNHEALTHY and kill:
+                return f"{why}; killing the hung server"
 
     async def _supervise(self, *, adopted: bool, launch: bool) -> None:
         try:

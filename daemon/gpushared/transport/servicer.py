@@ -194,18 +194,26 @@ class GpushareServicer:
     def _list_allocations(self, caller: Caller, request: pb.ListAllocationsRequest) -> pb.ListAllocationsResponse:
         view = self._allocations.view
         allocations = sorted(view.ledger.allocations.values(), key=lambda a: (a.created_at, a.id))
-        return pb.ListAllocationsResponse(allocations=[_allocation_to_pb(a, view) for a in allocations])
+        return pb.ListAllocationsResponse(
+            allocations=[_allocation_to_pb(a, view, self._models.model_on(a.id)) for a in allocations]
+        )
 
     def _get_allocation(self, caller: Caller, request: pb.GetAllocationRequest) -> pb.GetAllocationResponse:
         allocation = self._allocations.get(request.id)
-        return pb.GetAllocationResponse(allocation=_allocation_to_pb(allocation, self._allocations.view))
+        return pb.GetAllocationResponse(
+            allocation=_allocation_to_pb(allocation, self._allocations.view, self._models.model_on(allocation.id))
+        )
 
     async def _serve(self, caller: Caller, request: pb.ServeRequest) -> pb.ServeResponse:
         message = request.spec
         spec = _spec_from_pb(message)
         gpu = message.gpu_index if message.HasField("gpu_index") else None
         view = await self._models.serve(
-            caller, spec, gpu_index=gpu, compute=_compute_from_pb(message.compute_partition)
+            caller,
+            spec,
+            gpu_index=gpu,
+            compute=_compute_from_pb(message.compute_partition),
+            api_key=request.api_key if request.HasField("api_key") else None,
         )
         return pb.ServeResponse(model=_model_to_pb(view))
 
@@ -296,6 +304,8 @@ def _model_to_pb(view: ModelView) -> pb.Model:
         ],
         log_path=str(view.log_path),
         argv=list(view.argv),
+        api_key_required=record.api_key is not None,
+        start_timeout_seconds=view.start_timeout,
     )
 
 
@@ -380,7 +390,7 @@ def _partition_to_pb(gpu: GpuInfo, partition: PartitionInfo, ledger: Ledger) -> 
     return message
 
 
-def _allocation_to_pb(allocation: Allocation, view: HostView) -> pb.Allocation:
+def _allocation_to_pb(allocation: Allocation, view: HostView, model: str | None = None) -> pb.Allocation:
     leased = leased_partitions(allocation, view.inventory)
     state, reason = view.ledger.allocation_state(allocation)
     return pb.Allocation(
@@ -410,4 +420,5 @@ def _allocation_to_pb(allocation: Allocation, view: HostView) -> pb.Allocation:
         state=pb.ALLOCATION_STATE_ACTIVE if state.value == "active" else pb.ALLOCATION_STATE_DEGRADED,
         state_reason=reason,
         policy=POLICY_TO_PB[allocation.policy],
+        model=model or "",
     )

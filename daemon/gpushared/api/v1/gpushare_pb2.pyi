@@ -732,6 +732,7 @@ class Allocation(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     STATE_REASON_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     owner_uid: _builtins.int
@@ -745,6 +746,8 @@ class Allocation(_message.Message):
     state_reason: _builtins.str
     policy: Global___PlacementPolicy.ValueType
     """the policy that placed it"""
+    model: _builtins.str
+    """the served model running on it; empty when none"""
     @_builtins.property
     def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___AllocatedPartition]: ...
     @_builtins.property
@@ -774,10 +777,11 @@ class Allocation(_message.Message):
         state: Global___AllocationState.ValueType = ...,
         state_reason: _builtins.str = ...,
         policy: Global___PlacementPolicy.ValueType = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "device_nodes", b"device_nodes", "environment", b"environment", "id", b"id", "memory_bytes_per_partition", b"memory_bytes_per_partition", "memory_bytes_total", b"memory_bytes_total", "name", b"name", "owner_gid", b"owner_gid", "owner_uid", b"owner_uid", "partitions", b"partitions", "placement_reason", b"placement_reason", "policy", b"policy", "state", b"state", "state_reason", b"state_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "device_nodes", b"device_nodes", "environment", b"environment", "id", b"id", "memory_bytes_per_partition", b"memory_bytes_per_partition", "memory_bytes_total", b"memory_bytes_total", "model", b"model", "name", b"name", "owner_gid", b"owner_gid", "owner_uid", b"owner_uid", "partitions", b"partitions", "placement_reason", b"placement_reason", "policy", b"policy", "state", b"state", "state_reason", b"state_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1044,6 +1048,8 @@ class Model(_message.Message):
     TRANSITIONS_FIELD_NUMBER: _builtins.int
     LOG_PATH_FIELD_NUMBER: _builtins.int
     ARGV_FIELD_NUMBER: _builtins.int
+    API_KEY_REQUIRED_FIELD_NUMBER: _builtins.int
+    START_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     state: Global___ModelState.ValueType
     allocation_id: _builtins.str
@@ -1059,6 +1065,10 @@ class Model(_message.Message):
     restarts: _builtins.int
     last_error: _builtins.str
     log_path: _builtins.str
+    api_key_required: _builtins.bool
+    """/v1/* needs "Authorization: Bearer KEY" (the key is never shown)"""
+    start_timeout_seconds: _builtins.float
+    """a start slower than this fails; learned from the model's earlier starts"""
     @_builtins.property
     def spec(self) -> Global___ModelSpec: ...
     @_builtins.property
@@ -1084,10 +1094,12 @@ class Model(_message.Message):
         transitions: _abc.Iterable[Global___ModelTransition] | None = ...,
         log_path: _builtins.str = ...,
         argv: _abc.Iterable[_builtins.str] | None = ...,
+        api_key_required: _builtins.bool = ...,
+        start_timeout_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_id", b"allocation_id", "argv", b"argv", "endpoint", b"endpoint", "last_error", b"last_error", "log_path", b"log_path", "name", b"name", "owner_uid", b"owner_uid", "pid", b"pid", "port", b"port", "restarts", b"restarts", "run_as_uid", b"run_as_uid", "spec", b"spec", "state", b"state", "transitions", b"transitions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_id", b"allocation_id", "api_key_required", b"api_key_required", "argv", b"argv", "endpoint", b"endpoint", "last_error", b"last_error", "log_path", b"log_path", "name", b"name", "owner_uid", b"owner_uid", "pid", b"pid", "port", b"port", "restarts", b"restarts", "run_as_uid", b"run_as_uid", "spec", b"spec", "start_timeout_seconds", b"start_timeout_seconds", "state", b"state", "transitions", b"transitions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1098,18 +1110,26 @@ class ServeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SPEC_FIELD_NUMBER: _builtins.int
+    API_KEY_FIELD_NUMBER: _builtins.int
+    api_key: _builtins.str
+    """Set: the model's /v1/* endpoints require it as a bearer token (vLLM's VLLM_API_KEY; /health and
+    /metrics stay open). Kept in the daemon's root-only state for restarts and never returned.
+    """
     @_builtins.property
     def spec(self) -> Global___ModelSpec: ...
     def __init__(
         self,
         *,
         spec: Global___ModelSpec | None = ...,
+        api_key: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_api_key", b"_api_key", "api_key", b"api_key", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_api_key", b"_api_key", "api_key", b"api_key", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__api_key: _TypeAlias = _typing.Literal["api_key"]  # noqa: Y015
+    _WhichOneofArgType__api_key: _TypeAlias = _typing.Literal["_api_key", b"_api_key"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__api_key) -> _WhichOneofReturnType__api_key | None: ...
 
 Global___ServeRequest: _TypeAlias = ServeRequest  # noqa: Y015
 
