@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gpushared.domain.errors import IllegalTransition
 from gpushared.domain.model_state import (
     TRANSITIONS,
-    IllegalTransition,
     ModelLifecycle,
     ModelState,
     RestartPolicy,

@@ -101,7 +101,7 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / DB_NAME)
     db.execute("PRAGMA user_version=7")
     db.close()
-    with pytest.raises(StateError, match=r"written by a newer gpushared \(schema 7; this one reads 3\)"):
+    with pytest.raises(StateError, match=r"written by a newer gpushared \(schema 7; this one reads 4\)"):
         SqliteAllocationStore(tmp_path)
 
 
@@ -149,7 +149,7 @@ def test_schema_1_is_upgraded_in_place_keeping_allocations(tmp_path: Path) -> No
     assert store.load_models() == []
     store.close()
     db = sqlite3.connect(tmp_path / DB_NAME)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 4
     db.close()
 
 

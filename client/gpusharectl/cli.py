@@ -141,9 +141,133 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("name")
     logs.add_argument("-n", "--lines", type=_count, default=100, metavar="N", help="last N lines (default 100)")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until interrupted")
+    _partition_parsers(commands, common)
     health = commands.add_parser("health", parents=[common], help="grpc.health.v1 check: exit 0 when serving")
     health.add_argument("--service", default="", help="service name (default: the whole server)")
     return parser
+
+
+MEMORY = {"NPS1": pb.MEMORY_PARTITION_NPS1, "NPS2": pb.MEMORY_PARTITION_NPS2, "NPS4": pb.MEMORY_PARTITION_NPS4}
+
+
+def _gpu_list(text: str) -> list[int]:
+    """``all`` (every GPU: an empty list) or indices and ranges such as 0,2-3."""
+    if text.strip() == "all":
+        return []
+    picked: set[int] = set()
+    for item in text.split(","):
+        low, dash, high = item.strip().partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise argparse.ArgumentTypeError(f"{text!r}: use all, or GPU indices and ranges such as 0,2-3")
+        if dash and int(high) < int(low):
+            raise argparse.ArgumentTypeError(f"{text!r}: range {item.strip()} runs backwards")
+        picked.update(range(int(low), int(high if dash else low) + 1))
+    return sorted(picked)
+
+
+def _partition_parsers(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    partition = commands.add_parser(
+        "partition",
+        help="partition layout: show, plan or apply a compute/memory partition change",
+        description="Show the partition layout, or change it. A memory partition (NPS) change applies to every "
+        "GPU of the hive and needs a driver reload; models in the way are drained only with --drain.",
+    )
+    layouts = partition.add_subparsers(dest="partition_command", metavar="ACTION", required=True)
+    layouts.add_parser("show", parents=[common], help="one row per GPU: modes, desired modes, a cell per partition")
+    for name, text in (
+        ("plan", "dry run: the steps, what would be drained, who holds the devices (no side effects)"),
+        ("apply", "change the layout (admin): an operation that drains, switches, verifies, restarts models"),
+    ):
+        action = layouts.add_parser(name, parents=[common], help=text, description=text)
+        action.add_argument(
+            "--gpus", type=_gpu_list, default=[], metavar="all|LIST", help="GPUs to change, e.g. 0,2-3 (default all)"
+        )
+        action.add_argument(
+            "--compute", required=True, type=str.upper, choices=sorted(COMPUTE), help="compute partition"
+        )
+        action.add_argument(
+            "--memory", type=str.upper, choices=sorted(MEMORY), help="memory partition (default: keep the current one)"
+        )
+        if name == "apply":
+            action.add_argument("--drain", action="store_true", help="stop the models in the way, restart them after")
+            action.add_argument("--wait", action="store_true", help="wait until the operation finishes")
+            action.add_argument(
+                "--wait-timeout", type=float, default=900.0, metavar="SECONDS", help="for --wait (default 900)"
+            )
+    operation = commands.add_parser("operation", help="partition operations: show, wait, list")
+    operations = operation.add_subparsers(dest="operation_command", metavar="ACTION", required=True)
+    for name, text in (("show", "one operation: state, step, progress, history"), ("wait", "wait until it finishes")):
+        action = operations.add_parser(name, parents=[common], help=text)
+        action.add_argument("id", help="operation id, e.g. op-0123abcd")
+        if name == "wait":
+            action.add_argument("--wait-timeout", type=float, default=900.0, metavar="SECONDS", help="default 900")
+    operations.add_parser("list", parents=[common], help="the running operation and recent finished ones")
+    gpu = commands.add_parser("gpu", help="one GPU: clear a degraded mark")
+    gpus = gpu.add_subparsers(dest="gpu_command", metavar="ACTION", required=True)
+    clear = gpus.add_parser("clear", parents=[common], help="let a degraded GPU be allocated again (admin)")
+    clear.add_argument("index", type=_count, help="GPU index")
+
+
+def _partition(args: argparse.Namespace, client: Client, out: Callable[[str], None]) -> int:
+    if args.partition_command == "show":
+        gpus = client.list_gpus()
+        out(render.to_json(gpus) if args.json else render.partition_layout(gpus))
+        return EXIT_OK
+    layout = pb.LayoutRequest(
+        gpu_indices=args.gpus,
+        compute_partition=COMPUTE[args.compute],
+        memory_partition=MEMORY.get(args.memory or "", pb.MEMORY_PARTITION_UNSPECIFIED),
+    )
+    if args.partition_command == "plan":
+        plan = client.plan_partitions(layout).plan
+        out(render.to_json(plan) if args.json else render.partition_plan(plan))
+        return EXIT_OK
+    operation = client.apply_partitions(layout, drain=args.drain).operation
+    if args.wait:
+        operation = _wait_operation(client, operation, args.wait_timeout, None if args.json else out)
+    out(render.to_json(operation) if args.json else render.operation(operation))
+    return _operation_exit(operation, args.wait)
+
+
+def _operation_exit(operation: pb.Operation, waited: bool) -> int:
+    if operation.state == pb.OPERATION_STATE_SUCCEEDED or (
+        not waited and operation.state == pb.OPERATION_STATE_RUNNING
+    ):
+        return EXIT_OK
+    return EXIT_REFUSED
+
+
+def _wait_operation(
+    client: Client, operation: pb.Operation, timeout: float, progress: Callable[[str], None] | None
+) -> pb.Operation:
+    deadline = time.monotonic() + timeout
+    shown = ""
+    while True:
+        if progress is not None and operation.progress != shown:
+            progress(f"{operation.id}: {operation.progress}")
+            shown = operation.progress
+        if operation.state not in (pb.OPERATION_STATE_RUNNING, pb.OPERATION_STATE_ROLLING_BACK):
+            return operation
+        if time.monotonic() > deadline:
+            raise CtlError(
+                f"operation {operation.id}: not finished after {timeout:g}s ({operation.progress})", EXIT_REFUSED
+            )
+        time.sleep(0.2)
+        operation = client.get_operation(operation.id).operation
+
+
+def _operation(args: argparse.Namespace, client: Client, out: Callable[[str], None]) -> int:
+    if args.operation_command == "list":
+        listed = client.list_operations()
+        out(render.to_json(listed) if args.json else render.operations(listed))
+        return EXIT_OK
+    operation = client.get_operation(args.id).operation
+    if args.operation_command == "wait":
+        operation = _wait_operation(client, operation, args.wait_timeout, None if args.json else out)
+    out(render.to_json(operation) if args.json else render.operation(operation))
+    return _operation_exit(operation, args.operation_command == "wait")
 
 
 def _run(args: argparse.Namespace, client: Client) -> int:
@@ -191,6 +315,13 @@ def _run(args: argparse.Namespace, client: Client) -> int:
             out(render.to_json(model) if args.json else render.model(model))
     elif args.command == "serve":
         return _serve(args, client, out)
+    elif args.command == "partition":
+        return _partition(args, client, out)
+    elif args.command == "operation":
+        return _operation(args, client, out)
+    elif args.command == "gpu":
+        cleared = client.clear_degraded_gpu(args.index)
+        out(render.to_json(cleared) if args.json else f"gpu {args.index}: cleared (was: {cleared.reason})")
     elif args.command == "stop":
         stopped = client.stop(args.name, keep_allocation=args.keep_allocation).model
         out(render.to_json(stopped) if args.json else f"stopped {stopped.name}")

@@ -162,6 +162,21 @@ class Client:
     def get_model(self, name: str) -> pb.GetModelResponse:
         return self._call(self._stub.GetModel, pb.GetModelRequest(name=name))
 
+    def plan_partitions(self, layout: pb.LayoutRequest) -> pb.PlanPartitionsResponse:
+        return self._call(self._stub.PlanPartitions, pb.PlanPartitionsRequest(layout=layout))
+
+    def apply_partitions(self, layout: pb.LayoutRequest, *, drain: bool) -> pb.ApplyPartitionsResponse:
+        return self._call(self._stub.ApplyPartitions, pb.ApplyPartitionsRequest(layout=layout, drain=drain))
+
+    def get_operation(self, operation_id: str) -> pb.GetOperationResponse:
+        return self._call(self._stub.GetOperation, pb.GetOperationRequest(id=operation_id))
+
+    def list_operations(self) -> pb.ListOperationsResponse:
+        return self._call(self._stub.ListOperations, pb.ListOperationsRequest())
+
+    def clear_degraded_gpu(self, gpu_index: int) -> pb.ClearDegradedGpuResponse:
+        return self._call(self._stub.ClearDegradedGpu, pb.ClearDegradedGpuRequest(gpu_index=gpu_index))
+
     def read_model_log(self, name: str, *, tail_lines: int, from_offset: int | None) -> pb.ReadModelLogResponse:
         request = pb.ReadModelLogRequest(name=name, tail_lines=tail_lines)
         if from_offset is not None:

@@ -67,6 +67,12 @@ def status(response: pb.GetStatusResponse) -> str:
         ),
         ("you", f"{user_name(caller.uid)} (uid {caller.uid}){' admin' if caller.admin else ''}"),
     ]
+    if response.operation_id:
+        rows.append(
+            ("operation", f"{response.operation_id} running (gpusharectl operation show {response.operation_id})")
+        )
+    rows += [("drift", line) for line in response.drift]
+    rows += [("degraded", f"GPU {g.gpu_index}: {g.reason}") for g in response.degraded_gpus]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
@@ -222,3 +228,124 @@ def _uptime(m: pb.Model) -> str:
     seconds = int((datetime.datetime.now(datetime.UTC).replace(tzinfo=None) - ready[-1]).total_seconds())
     hours, rest = divmod(max(seconds, 0), 3600)
     return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def _layout(compute: int, memory: int) -> str:
+    if compute == pb.COMPUTE_PARTITION_UNSPECIFIED:
+        return "-"
+    return f"{compute_name(compute)}/{memory_name(memory)}"
+
+
+def _gpus(indices: Sequence[int]) -> str:
+    return ", ".join(map(str, indices)) or "-"
+
+
+def partition_layout(response: pb.ListGpusResponse) -> str:
+    """One row per GPU with a cell per partition, pools separated by |: . free, A allocated, D degraded."""
+    cell = {pb.PARTITION_STATE_FREE: ".", pb.PARTITION_STATE_ALLOCATED: "A", pb.PARTITION_STATE_DEGRADED: "D"}
+    rows = []
+    for gpu in response.gpus:
+        pools = [
+            "".join(cell.get(gpu.partitions[p].state, "?") for p in pool.partition_ids if p < len(gpu.partitions))
+            for pool in gpu.memory_pools
+        ]
+        desired = _layout(gpu.desired_compute_partition, gpu.desired_memory_partition)
+        now = _layout(gpu.compute_partition, gpu.memory_partition)
+        rows.append(
+            (
+                gpu.index,
+                gpu.bdf,
+                now,
+                desired if desired in ("-", now) else f"{desired} (drift)",
+                " ".join(compute_name(m) for m in gpu.available_compute_partitions),
+                "[" + "|".join(pools) + "]",
+                gpu.closed_reason or "",
+            )
+        )
+    legend = "cells: one per partition, pools separated by |; . free, A allocated, D degraded"
+    return table(("GPU", "BDF", "LAYOUT", "DESIRED", "AVAILABLE", "PARTITIONS", "CLOSED"), rows) + "\n" + legend
+
+
+def _changes(changes: Sequence[pb.GpuLayoutChange]) -> list[str]:
+    return [
+        f"  GPU {c.gpu_index}: {_layout(c.compute_before, c.memory_before)} -> {_layout(c.compute_after, c.memory_after)}"
+        + (
+            f", {c.partitions_after} partitions, {c.pools_after} pool(s) of {format_bytes(c.pool_bytes_after)}"
+            if c.pool_bytes_after
+            else ""
+        )
+        + (f" ({c.why})" if c.why else "")
+        for c in changes
+    ]
+
+
+def partition_plan(plan: pb.PartitionPlan) -> str:
+    if not plan.changes:
+        return "nothing to do: the GPUs are already in this layout"
+    lines = ["changes", *_changes(plan.changes), "steps"]
+    lines += [f"  {n}. {s.kind:<13} {s.description}" for n, s in enumerate(plan.steps, 1)]
+    if plan.allocations:
+        lines.append("allocations on the GPUs")
+        lines += [
+            f"  {a.allocation_id} {a.name or '-'} of {user_name(a.owner_uid)} on GPU {_gpus(a.gpu_indices)}: "
+            + (f"model {a.model} (drained and restarted)" if a.model else "bare allocation (must be released)")
+            for a in plan.allocations
+        ]
+    if plan.holders:
+        lines.append("processes holding the devices")
+        lines += [
+            f"  pid {h.pid} {h.user} GPU {h.gpu_index} partition {h.partition_id}"
+            + (f" [model {h.model}]" if h.model else "")
+            + f": {h.command[:80]}"
+            for h in plan.holders
+        ]
+    if plan.holder_services:
+        lines.append("services stopped around the switch: " + ", ".join(plan.holder_services))
+    lines += [f"warning: {w}" for w in plan.warnings]
+    if plan.blockers_with_drain:
+        lines.append("apply would be refused:")
+        lines += [f"  {b}" for b in plan.blockers_with_drain]
+    elif plan.blockers:
+        lines.append("apply needs --drain:")
+        lines += [f"  {b}" for b in plan.blockers]
+    return "\n".join(lines)
+
+
+def operation_state(value: int) -> str:
+    return _enum(value, pb.OperationState, "OPERATION_STATE_").lower()
+
+
+def operation(op: pb.Operation) -> str:
+    step = f"step {op.steps_done}/{op.step_count}" + (f" ({op.step})" if op.step else "")
+    lines = [
+        f"operation   {op.id}",
+        f"state       {operation_state(op.state)}, {step}",
+        f"progress    {op.progress}",
+        f"elapsed     {op.elapsed_seconds:.1f}s",
+        f"requested   by {user_name(op.requested_by_uid)}{', with --drain' if op.drain else ''}",
+    ]
+    if op.error:
+        lines.append(f"error       {op.error}" + (f" (at {op.failed_step})" if op.failed_step else ""))
+    if op.drained_models:
+        lines.append("drained     " + ", ".join(op.drained_models))
+    if op.stopped_services:
+        lines.append("services    " + ", ".join(op.stopped_services))
+    lines += ["changes", *_changes(op.changes), "events"]
+    lines += [f"  {e.at.ToDatetime().strftime('%H:%M:%S')}  {e.text}" for e in op.events]
+    return "\n".join(lines)
+
+
+def operations(response: pb.ListOperationsResponse) -> str:
+    rows = [
+        (
+            op.id,
+            operation_state(op.state),
+            ", ".join(f"{c.gpu_index}" for c in op.changes) or "-",
+            ", ".join(sorted({_layout(c.compute_after, c.memory_after) for c in op.changes})) or "-",
+            op.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+            f"{op.elapsed_seconds:.1f}s",
+            op.progress[:60],
+        )
+        for op in response.operations
+    ]
+    return table(("ID", "STATE", "GPUS", "LAYOUT", "CREATED (UTC)", "ELAPSED", "PROGRESS"), rows)

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,14 +22,18 @@ from gpushared.adapters.child_process import CgroupLauncher
 from gpushared.adapters.emulated_amdsmi import EmulatedAmdSmi, EmulatorStateError
 from gpushared.adapters.http_probe import HttpProbe
 from gpushared.adapters.model_files import ModelFiles
+from gpushared.adapters.procfs import ProcFs
 from gpushared.adapters.sqlite_state import SqliteAllocationStore
+from gpushared.adapters.systemd_notify import SystemdNotifier
+from gpushared.adapters.systemd_units import SystemctlUnits
 from gpushared.adapters.user_db import UserDatabase
 from gpushared.config import DEFAULT_CONFIG_PATH, DaemonConfig, load_config, reload_changes, with_overrides
 from gpushared.domain.errors import ConfigError, GpushareError
 from gpushared.logs import configure_logging, set_level
 from gpushared.ports import GpuBackend
 from gpushared.services.allocations import AllocationPolicy, AllocationService
-from gpushared.services.models import ModelService
+from gpushared.services.models import SYSTEM, ModelService
+from gpushared.services.partitions import PartitionService
 from gpushared.transport.server import ApiServer, peer_dir_for
 from gpushared.transport.servicer import Authenticator, GpushareServicer
 
@@ -168,6 +172,24 @@ def allocation_policy(config: DaemonConfig, users: UserDatabase) -> AllocationPo
     return AllocationPolicy(config.default_policy, config.default_quota, quotas)
 
 
+def failpoints_from_env() -> Callable[[str], None] | None:
+    """``GPUSHARED_FAILPOINTS=set_memory:started,verify:done``: SIGKILL the daemon right after journaling those
+    partition steps. For crash-consistency tests (as in fail-rs or FoundationDB's simulation), never set in
+    production; the daemon says loudly when it is."""
+    spec = os.environ.get("GPUSHARED_FAILPOINTS", "")
+    points = {p.strip() for p in spec.split(",") if p.strip()}
+    if not points:
+        return None
+    log.warning("failpoints armed (testing only): %s", ", ".join(sorted(points)), extra={"event": "failpoints"})
+
+    def hit(name: str) -> None:
+        if name in points:
+            log.warning("failpoint %s: killing the daemon", name, extra={"event": "failpoint"})
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hit
+
+
 def hold_lock(directory: Path) -> int:
     """Take an exclusive lock on ``directory/gpushared.lock`` for the life of the process."""
     path = directory / "gpushared.lock"
@@ -270,10 +292,26 @@ class Daemon:
             base_env=os.environ,
         )
         await models.restore(store.load_models())
+        partitions = PartitionService(
+            backend,
+            service,
+            models,
+            units=SystemctlUnits(config.partitions.systemctl),
+            processes=ProcFs(),
+            notifier=SystemdNotifier(),
+            holder_services=config.partitions.holder_services,
+            desired=config.partitions.layout,
+            reload_timeout=config.partitions.reload_timeout_seconds,
+            failpoint=failpoints_from_env(),
+        )
+        for warning in config.partitions.layout_warnings:
+            log.warning("partitions.layout: %s", warning, extra={"event": "layout_warning"})
+        # A partition operation a previous daemon left half-done is finished (or rolled back) before serving.
+        await partitions.resume(store.load_operations())
         socket_gid = self._group("socket_group", config.socket_group)
         auth = Authenticator(peer_dir_for(config.socket), self.is_admin)
         server = ApiServer(
-            GpushareServicer(service, auth, backend.name, models),
+            GpushareServicer(service, auth, backend.name, models, partitions),
             config.socket,
             socket_mode=config.socket_mode,
             socket_gid=socket_gid,
@@ -281,33 +319,39 @@ class Daemon:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: self.reload(service))
         await server.start()
-        partitions = len(inventory.partitions())
+        inventory = service.view.inventory
         log.info(
             "serving on %s: %s backend, %d GPUs, %d partitions, %d allocations",
             config.socket,
             backend.name,
             len(inventory.gpus),
-            partitions,
+            len(inventory.partitions()),
             len(service.view.ledger.allocations),
             extra={"event": "ready", "socket": str(config.socket), "backend": backend.name},
         )
-        refresher = asyncio.create_task(self._refresh(backend, service))
+        partitions.observe_drift(service.view.inventory)
+        refresher = asyncio.create_task(self._refresh(backend, service, partitions))
         housekeeping = asyncio.create_task(models.housekeeping())
+        desired = asyncio.create_task(partitions.apply_desired(SYSTEM))
         try:
             await self._stop.wait()
         finally:
             log.info("stopping", extra={"event": "stopping"})
             refresher.cancel()
             housekeeping.cancel()
+            desired.cancel()
             await server.stop()
+            await partitions.shutdown()
             await models.shutdown()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
         log.info("stopped", extra={"event": "stopped"})
 
-    async def _refresh(self, backend: GpuBackend, service: AllocationService) -> None:
+    async def _refresh(self, backend: GpuBackend, service: AllocationService, partitions: PartitionService) -> None:
         while True:
             await asyncio.sleep(REFRESH_SECONDS)
+            if partitions.busy is not None:
+                continue  # the operation re-enumerates itself; mid-switch the hardware is expected to differ
             try:
                 inventory = await asyncio.to_thread(backend.observe)
             except GpushareError as exc:
@@ -318,6 +362,7 @@ class Daemon:
                 log.exception("hardware observation crashed", extra={"event": "observe_failed"})
                 continue
             service.update_inventory(inventory, time.time())
+            partitions.observe_drift(inventory)
 
     def reload(self, service: AllocationService) -> None:
         try:

@@ -9,7 +9,9 @@ from typing import Any
 
 from gpushared.domain.allocation import PlacementPolicy, Quota
 from gpushared.domain.errors import ConfigError, GpushareError
+from gpushared.domain.gpu import ComputePartition, MemoryPartition
 from gpushared.domain.model import parse_allowlist
+from gpushared.domain.partitioning import GpuLayout, check_combination, parse_gpu_set
 from gpushared.domain.served_model import ServingConfig
 from gpushared.domain.units import parse_size
 
@@ -35,7 +37,23 @@ class DaemonConfig:
     cgroup_root: Path | None = None
     """The cgroup v2 subtree for model leaves; None = the daemon's own cgroup when systemd runs it."""
     serving: ServingConfig = field(default_factory=ServingConfig)
+    partitions: PartitionConfig = field(default_factory=lambda: PartitionConfig())  # noqa: PLW0108 (defined below)
     source: Path | None = None
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """The [partitions] section: the desired layout and how an apply reaches the host around the GPUs."""
+
+    layout: dict[int, GpuLayout] = field(default_factory=dict)
+    """Desired layout by GPU index; GPUs not named are left as they are."""
+    layout_warnings: tuple[str, ...] = ()
+    holder_services: tuple[str, ...] = ()
+    """systemd units that hold GPU devices (e.g. a metrics exporter): stopped for a switch, started after."""
+    reload_command: tuple[str, ...] = ()
+    """Driver reload on a real host where amdsmi has no amdsmi_gpu_driver_reload (ROCm >= 7.13); empty = amdsmi's."""
+    reload_timeout_seconds: float = 300.0
+    systemctl: str = "systemctl"
 
 
 RELOADABLE = ("log_level", "admin_group", "default_policy", "default_quota", "user_quotas")
@@ -52,6 +70,13 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "log_level": str,
     },
     "emulator": {"gpu_count": int},
+    "partitions": {
+        "layout": list,
+        "holder_services": list,
+        "reload_command": list,
+        "reload_timeout_seconds": (int, float),
+        "systemctl": str,
+    },
     "allocation": {"default_policy": str},
     "quota": {"max_allocations": int, "max_memory": (str, int), "users": dict},
     "models": {
@@ -143,7 +168,63 @@ def parse_config(data: dict[str, Any], path: Path) -> DaemonConfig:
     if "cgroup_root" in models:
         updates["cgroup_root"] = _absolute(where, "models.cgroup_root", models["cgroup_root"])
     updates["serving"] = _serving(where, models)
+    updates["partitions"] = _partitions(where, data.get("partitions", {}), updates.get("emulated_gpu_count", 8))
     return replace(config, **updates)
+
+
+_LAYOUT_KEYS = {"gpus": str, "compute": str, "memory": str}
+
+
+def _partitions(where: str, section: dict[str, Any], gpu_count: int) -> PartitionConfig:
+    changes: dict[str, Any] = {}
+    layout: dict[int, GpuLayout] = {}
+    warnings: list[str] = []
+    for n, entry in enumerate(section.get("layout", [])):
+        subject = f"partitions.layout[{n}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f'config {where}: {subject} must be a table, e.g. {{gpus = "0-3", compute = "CPX"}}')
+        for key, value in entry.items():
+            _check_type(where, f"{subject}.{key}", value, _LAYOUT_KEYS.get(key), _LAYOUT_KEYS)
+        for key in ("gpus", "compute", "memory"):
+            if key not in entry:
+                raise ConfigError(
+                    f"config {where}: {subject}.{key} is missing", hint="each entry needs gpus, compute, memory"
+                )
+        compute = ComputePartition(
+            _choice(where, f"{subject}.compute", entry["compute"].upper(), tuple(ComputePartition))
+        )
+        memory = MemoryPartition(_choice(where, f"{subject}.memory", entry["memory"].upper(), tuple(MemoryPartition)))
+        try:
+            # The highest index a layout may name; the daemon checks it against the host it finds.
+            indices = parse_gpu_set(entry["gpus"], 8 if entry["gpus"].strip() != "all" else gpu_count)
+            warnings += check_combination(compute, memory)
+        except GpushareError as exc:
+            raise ConfigError(f"config {where}: {subject}: {exc}") from exc
+        for index in indices:
+            if index in layout:
+                raise ConfigError(f"config {where}: {subject}: GPU {index} is already in an earlier entry")
+            layout[index] = GpuLayout(compute, memory)
+    memories = {layout_.memory for layout_ in layout.values()}
+    if len(memories) > 1:
+        raise ConfigError(
+            f"config {where}: partitions.layout mixes memory partitions {', '.join(sorted(memories))}",
+            hint="the memory partition (NPS) applies to every GPU of the hive: use one for all entries",
+        )
+    changes["layout"] = layout
+    changes["layout_warnings"] = tuple(dict.fromkeys(warnings))
+    for key in ("holder_services", "reload_command"):
+        if key in section:
+            values = section[key]
+            if not all(isinstance(v, str) and v for v in values):
+                raise ConfigError(f"config {where}: partitions.{key} must be a list of non-empty strings")
+            changes[key] = tuple(values)
+    if "reload_timeout_seconds" in section:
+        if section["reload_timeout_seconds"] <= 0:
+            raise ConfigError(f"config {where}: partitions.reload_timeout_seconds must be more than 0")
+        changes["reload_timeout_seconds"] = float(section["reload_timeout_seconds"])
+    if "systemctl" in section:
+        changes["systemctl"] = section["systemctl"]
+    return PartitionConfig(**changes)
 
 
 def _serving(where: str, models: dict[str, Any]) -> ServingConfig:

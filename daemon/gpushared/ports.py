@@ -8,6 +8,7 @@ from typing import Protocol
 
 from gpushared.domain.allocation import Allocation
 from gpushared.domain.gpu import ComputePartition, DeviceProcess, HostInventory, MemoryPartition
+from gpushared.domain.partition_op import PartitionOperation
 from gpushared.domain.served_model import ServedModel
 
 
@@ -68,7 +69,26 @@ class ModelDeleted:
     name: str
 
 
-StoreChange = AllocationAdded | AllocationRemoved | ModelSaved | ModelDeleted
+@dataclass(frozen=True)
+class OperationSaved:
+    operation: PartitionOperation
+
+
+@dataclass(frozen=True)
+class GpuMarked:
+    """The GPU is degraded (excluded from allocation) until an admin clears it."""
+
+    bdf: str
+    reason: str
+    since: float
+
+
+@dataclass(frozen=True)
+class GpuCleared:
+    bdf: str
+
+
+StoreChange = AllocationAdded | AllocationRemoved | ModelSaved | ModelDeleted | OperationSaved | GpuMarked | GpuCleared
 
 
 class AllocationStore(Protocol):
@@ -80,6 +100,14 @@ class AllocationStore(Protocol):
 
     def load_models(self) -> list[ServedModel]:
         """Every served model recorded."""
+        ...
+
+    def load_operations(self) -> list[PartitionOperation]:
+        """Every journaled partition operation, unfinished ones included, oldest first."""
+        ...
+
+    def load_gpu_marks(self) -> dict[str, tuple[str, float]]:
+        """Degraded GPUs by BDF: (reason, since)."""
         ...
 
     def apply(self, changes: Sequence[StoreChange]) -> None:

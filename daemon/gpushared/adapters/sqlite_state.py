@@ -16,10 +16,19 @@ from pathlib import Path
 
 from gpushared.domain.allocation import Allocation, PartitionRef, PlacementPolicy
 from gpushared.domain.errors import StateError, StateWriteError
+from gpushared.domain.partition_op import PartitionOperation
 from gpushared.domain.served_model import ServedModel, spec_from_json, spec_to_json
-from gpushared.ports import AllocationAdded, AllocationRemoved, ModelSaved, StoreChange
+from gpushared.ports import (
+    AllocationAdded,
+    AllocationRemoved,
+    GpuCleared,
+    GpuMarked,
+    ModelSaved,
+    OperationSaved,
+    StoreChange,
+)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DB_NAME = "gpushared.db"
 
 _SCHEMA = """
@@ -56,8 +65,26 @@ _MODEL_KEY_AND_STARTS = """
 ALTER TABLE model ADD COLUMN api_key TEXT;
 ALTER TABLE model ADD COLUMN start_seconds TEXT NOT NULL DEFAULT '[]';
 """
+# Schema 4: the partition operation journal (one JSON record per operation, rewritten before and after each
+# step) and GPUs marked degraded by an operation that could not be rolled back.
+_OPERATIONS = """
+CREATE TABLE partition_operation (
+    id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    finished INTEGER NOT NULL,
+    body TEXT NOT NULL
+) STRICT;
+CREATE TABLE gpu_mark (
+    bdf TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    since REAL NOT NULL
+) STRICT;
+ALTER TABLE model ADD COLUMN drained_by TEXT NOT NULL DEFAULT '';
+ALTER TABLE model ADD COLUMN failure TEXT NOT NULL DEFAULT '';
+"""
+KEEP_FINISHED_OPERATIONS = 50
 # Each entry upgrades the schema from its index + 1 to the next version, inside one transaction.
-_MIGRATIONS = (_MODEL_TABLE, _MODEL_KEY_AND_STARTS)
+_MIGRATIONS = (_MODEL_TABLE, _MODEL_KEY_AND_STARTS, _OPERATIONS)
 
 _FIX = "move the file aside to start with no allocations, or restore it from a backup"
 
@@ -149,6 +176,15 @@ class SqliteAllocationStore:
                         self._db.execute("DELETE FROM allocation WHERE id = ?", (change.allocation_id,))
                     elif isinstance(change, ModelSaved):
                         self._save_model(change.model)
+                    elif isinstance(change, OperationSaved):
+                        self._save_operation(change.operation)
+                    elif isinstance(change, GpuMarked):
+                        self._db.execute(
+                            "INSERT OR REPLACE INTO gpu_mark VALUES (?, ?, ?)",
+                            (change.bdf, change.reason, change.since),
+                        )
+                    elif isinstance(change, GpuCleared):
+                        self._db.execute("DELETE FROM gpu_mark WHERE bdf = ?", (change.bdf,))
                     else:
                         self._db.execute("DELETE FROM model WHERE name = ?", (change.name,))
         except sqlite3.OperationalError as exc:
@@ -161,7 +197,7 @@ class SqliteAllocationStore:
     def load_models(self) -> list[ServedModel]:
         rows = self._db.execute(
             "SELECT name, spec, allocation_id, owner_uid, run_as_uid, run_as_gid, port, created_at, pid,"
-            " start_time, running, api_key, start_seconds FROM model ORDER BY created_at, name"
+            " start_time, running, api_key, start_seconds, drained_by, failure FROM model ORDER BY created_at, name"
         ).fetchall()
         models = []
         for row in rows:
@@ -181,6 +217,8 @@ class SqliteAllocationStore:
                         running=bool(row[10]),
                         api_key=None if row[11] is None else str(row[11]),
                         start_seconds=tuple(float(x) for x in json.loads(row[12])),
+                        drained_by=str(row[13]),
+                        failure=str(row[14]),
                     )
                 )
             except (ValueError, TypeError, KeyError) as exc:
@@ -189,7 +227,7 @@ class SqliteAllocationStore:
 
     def _save_model(self, model: ServedModel) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO model VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO model VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 model.name,
                 spec_to_json(model.spec),
@@ -204,6 +242,8 @@ class SqliteAllocationStore:
                 int(model.running),
                 model.api_key,
                 json.dumps(list(model.start_seconds)),
+                model.drained_by,
+                model.failure,
             ),
         )
 
@@ -232,6 +272,33 @@ class SqliteAllocationStore:
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
+
+    def _save_operation(self, operation: PartitionOperation) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO partition_operation VALUES (?, ?, ?, ?)",
+            (operation.id, operation.created_at, int(operation.finished), operation.to_json()),
+        )
+        if operation.finished:
+            # Finished operations stay visible for a while; the journal must not grow for ever.
+            self._db.execute(
+                "DELETE FROM partition_operation WHERE finished = 1 AND id NOT IN (SELECT id FROM partition_operation"
+                " WHERE finished = 1 ORDER BY created_at DESC LIMIT ?)",
+                (KEEP_FINISHED_OPERATIONS,),
+            )
+
+    def load_operations(self) -> list[PartitionOperation]:
+        rows = self._db.execute("SELECT id, body FROM partition_operation ORDER BY created_at, id").fetchall()
+        operations = []
+        for row in rows:
+            try:
+                operations.append(PartitionOperation.from_json(row[1]))
+            except StateError as exc:
+                raise StateError(f"state file {self.path}: operation {row[0]!r}: {exc.message}", hint=_FIX) from exc
+        return operations
+
+    def load_gpu_marks(self) -> dict[str, tuple[str, float]]:
+        rows = self._db.execute("SELECT bdf, reason, since FROM gpu_mark ORDER BY bdf").fetchall()
+        return {str(bdf): (str(reason), float(since)) for bdf, reason, since in rows}
 
     def close(self) -> None:
         self._db.close()

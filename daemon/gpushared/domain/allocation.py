@@ -191,10 +191,17 @@ class Ledger:
         inventory: HostInventory,
         allocations: Iterable[Allocation],
         degraded: Mapping[PartitionRef, str] | None = None,
+        *,
+        closed_gpus: Mapping[str, str] | None = None,
+        degraded_gpus: Mapping[str, str] | None = None,
     ) -> None:
+        """``closed_gpus`` (by BDF, with why) admit no new allocation: a partition operation is changing them;
+        ``degraded_gpus`` are marked degraded until an admin clears them, and admit none either."""
         self.inventory = inventory
         self.allocations = {a.id: a for a in allocations}
         self.degraded = dict(degraded or {})
+        self.degraded_gpus = dict(degraded_gpus or {})
+        self.closed_gpus = {**dict(closed_gpus or {}), **self.degraded_gpus}
         self._holder: dict[PartitionRef, Allocation] = {}
         for allocation in self.allocations.values():
             for ref in allocation.partitions:
@@ -204,7 +211,7 @@ class Ledger:
         return self._holder.get(ref)
 
     def partition_state(self, ref: PartitionRef) -> PartitionState:
-        if ref in self.degraded:
+        if ref in self.degraded or ref.gpu_bdf in self.degraded_gpus:
             return PartitionState.DEGRADED
         if ref in self._holder:
             return PartitionState.ALLOCATED
@@ -223,6 +230,8 @@ class Ledger:
                 )
             elif ref in self.degraded:
                 problems.append(f"GPU {gpu.index} partition {ref.partition_id}: {self.degraded[ref]}")
+            elif ref.gpu_bdf in self.degraded_gpus:
+                problems.append(f"GPU {gpu.index} is degraded: {self.degraded_gpus[ref.gpu_bdf]}")
         if problems:
             return AllocationState.DEGRADED, "; ".join(problems)
         return AllocationState.ACTIVE, ""
@@ -281,6 +290,12 @@ class Ledger:
                     f"gpu {request.gpu_index}: no such GPU",
                     hint=f"this host has GPUs 0-{last}" if last >= 0 else "this host has no GPUs",
                 )
+            if gpus[0].bdf in self.closed_gpus:
+                raise FailedPrecondition(
+                    f"gpu {request.gpu_index}: admits no allocation now: {self.closed_gpus[gpus[0].bdf]}",
+                    hint="pick another GPU, or wait (see `gpusharectl status`)",
+                )
+        gpus = [g for g in gpus if g.bdf not in self.closed_gpus]
         if request.compute_partition is not None:
             matching = [g for g in gpus if g.compute_partition == request.compute_partition]
             if not matching:
@@ -337,7 +352,11 @@ class Ledger:
 
     def _refusal(self, gpus: list[GpuInfo], count: int, share: int) -> ResourceExhausted:
         if not gpus:
-            return ResourceExhausted("no GPU is available to this daemon", hint="check `gpusharectl gpus`")
+            closed = "; ".join(f"{bdf}: {why}" for bdf, why in sorted(self.closed_gpus.items()))
+            return ResourceExhausted(
+                "no GPU is available to this daemon" + (f" (closed: {closed})" if closed else ""),
+                hint="check `gpusharectl gpus` and `gpusharectl status`",
+            )
         caps = [(p.memory_total_bytes, g) for g in gpus for p in g.partitions]
         largest_cap, cap_gpu = max(caps, key=lambda c: (c[0], -c[1].index))
         each = f" each ({format_bytes(share * count)} over {count} partitions)" if count > 1 else ""

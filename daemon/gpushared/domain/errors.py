@@ -35,6 +35,11 @@ class FailedPrecondition(GpushareError):
     """The request is well-formed but the system is not in a state that allows it."""
 
 
+class IllegalTransition(FailedPrecondition):
+    """A state machine was asked for a transition its table does not allow: a bug, or a request that does not
+    fit the current state."""
+
+
 class ResourceExhausted(GpushareError):
     """Not enough free partitions or pool memory to place the request."""
 

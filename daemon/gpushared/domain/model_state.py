@@ -18,7 +18,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from gpushared.domain.errors import FailedPrecondition
+from gpushared.domain.errors import IllegalTransition
 
 
 class ModelState(enum.StrEnum):
@@ -60,10 +60,6 @@ class Transition:
     at: float
     """Unix time, seconds."""
     reason: str
-
-
-class IllegalTransition(FailedPrecondition):
-    """A supervisor bug or a request that does not fit the model's state."""
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,11 @@ class ServedModel:
     start_seconds: tuple[float, ...] = ()
     """How long its last starts took to READY (newest last), so the learned start timeout survives a daemon
     restart."""
+    drained_by: str = ""
+    """The partition operation that stopped it to change its GPUs' layout and will restart it; its allocation
+    is released meanwhile (allocation_id is then empty)."""
+    failure: str = ""
+    """Why it is not running although nobody stopped it (e.g. it no longer fits after a layout change)."""
 
     def with_child(self, pid: int, start_time: int) -> ServedModel:
         return replace(self, pid=pid, start_time=start_time)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from gpushared.domain.allocation import (
@@ -22,7 +22,7 @@ from gpushared.domain.allocation import (
 from gpushared.domain.caller import Caller, authorize_release
 from gpushared.domain.errors import FailedPrecondition, NotFound
 from gpushared.domain.gpu import HostInventory
-from gpushared.ports import AllocationAdded, AllocationRemoved, AllocationStore
+from gpushared.ports import AllocationAdded, AllocationRemoved, AllocationStore, GpuCleared, GpuMarked
 from gpushared.services.commit import GroupCommit
 
 log = logging.getLogger("gpushared.allocations")
@@ -72,7 +72,9 @@ class AllocationService:
         self._clock = clock
         self._new_id = id_factory
         allocations = store.load()
-        self._view = HostView(inventory, Ledger(inventory, allocations), observed_at)
+        self._closed: dict[str, str] = {}
+        self._degraded = {bdf: reason for bdf, (reason, _) in store.load_gpu_marks().items()}
+        self._view = HostView(inventory, Ledger(inventory, allocations, degraded_gpus=self._degraded), observed_at)
         for allocation in allocations:
             state, reason = self._view.ledger.allocation_state(allocation)
             if reason:
@@ -86,8 +88,44 @@ class AllocationService:
         self._policy = policy
 
     def update_inventory(self, inventory: HostInventory, observed_at: float) -> None:
-        ledger = self._view.ledger
-        self._view = HostView(inventory, Ledger(inventory, ledger.allocations.values(), ledger.degraded), observed_at)
+        self._rebuild(inventory=inventory, observed_at=observed_at)
+
+    def close_gpus(self, bdfs: Iterable[str], why: str) -> None:
+        """Admit no new allocation on these GPUs (a partition operation is changing them)."""
+        self._closed.update(dict.fromkeys(bdfs, why))
+        self._rebuild()
+
+    def open_gpus(self, bdfs: Iterable[str]) -> None:
+        for bdf in bdfs:
+            self._closed.pop(bdf, None)
+        self._rebuild()
+
+    async def mark_degraded(self, bdf: str, reason: str) -> None:
+        """Exclude the GPU from allocation until an admin clears it; durable, since it must survive a restart."""
+        since = self._clock()
+        await self.commit.record(GpuMarked(bdf, reason, since))
+        self._degraded[bdf] = reason
+        self._rebuild()
+
+    async def clear_degraded(self, bdf: str) -> None:
+        await self.commit.record(GpuCleared(bdf))
+        self._degraded.pop(bdf, None)
+        self._rebuild()
+
+    def _rebuild(self, *, inventory: HostInventory | None = None, observed_at: float | None = None) -> None:
+        view = self._view
+        inventory = inventory or view.inventory
+        self._view = HostView(
+            inventory,
+            Ledger(
+                inventory,
+                view.ledger.allocations.values(),
+                view.ledger.degraded,
+                closed_gpus=self._closed,
+                degraded_gpus=self._degraded,
+            ),
+            view.observed_at if observed_at is None else observed_at,
+        )
 
     async def allocate(self, caller: Caller, request: AllocationRequest) -> Allocation:
         validate_request(request)
@@ -164,5 +202,13 @@ class AllocationService:
     def _replace_allocations(self, allocations: list[Allocation]) -> None:
         view = self._view
         self._view = HostView(
-            view.inventory, Ledger(view.inventory, allocations, view.ledger.degraded), view.observed_at
+            view.inventory,
+            Ledger(
+                view.inventory,
+                allocations,
+                view.ledger.degraded,
+                closed_gpus=self._closed,
+                degraded_gpus=self._degraded,
+            ),
+            view.observed_at,
         )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gpushared.domain.allocation import Allocation, AllocationRequest
 from gpushared.domain.caller import Caller, authorize_release
-from gpushared.domain.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
+from gpushared.domain.errors import AlreadyExists, FailedPrecondition, GpushareError, NotFound, PermissionDenied
 from gpushared.domain.gpu import ComputePartition, GpuInfo
 from gpushared.domain.lease import lease_environment, leased_partitions
 from gpushared.domain.model import Engine, ModelSpec, derive_memory_bytes, validate_spec
@@ -34,6 +34,8 @@ from gpushared.services.supervision_ports import (
 from gpushared.services.supervisor import ModelSupervisor
 
 log = logging.getLogger("gpushared.models")
+SYSTEM = Caller(uid=0, gid=0, pid=0, admin=True)
+"""The daemon acting on its own (a partition operation), with an admin's rights."""
 
 
 @dataclass
@@ -105,6 +107,13 @@ class ModelService:
     def get(self, name: str) -> ModelView:
         return self._view(self._entry(name))
 
+    def model_of_pid(self, pid: int) -> str:
+        """The model whose cgroup leaf holds ``pid`` (a vLLM worker holding a device), or ""."""
+        if self._tree is None:
+            return ""
+        leaves = set(self._tree.leaves())
+        return next((name for name in self._entries if name in leaves and pid in self._tree.pids(name)), "")
+
     def model_on(self, allocation_id: str) -> str | None:
         return next((n for n, e in self._entries.items() if e.record.allocation_id == allocation_id), None)
 
@@ -120,9 +129,15 @@ class ModelService:
     def _view(self, entry: _Entry) -> ModelView:
         supervisor = entry.supervisor
         if supervisor is None:
-            return ModelView(
-                entry.record, ModelState.STOPPED, 0, 0, "", (), entry.log_path, entry.argv, self._config.start_timeout
-            )
+            record = entry.record
+            if record.drained_by:
+                # Waiting for the partition operation to finish; it restarts the model on the new layout.
+                state, why = ModelState.PENDING, f"drained by partition operation {record.drained_by}"
+            elif record.failure:
+                state, why = ModelState.FAILED, record.failure
+            else:
+                state, why = ModelState.STOPPED, ""
+            return ModelView(record, state, 0, 0, why, (), entry.log_path, entry.argv, self._config.start_timeout)
         lifecycle = supervisor.lifecycle
         pid = (
             supervisor.identity.pid
@@ -343,6 +358,22 @@ class ModelService:
 
     async def stop(self, caller: Caller, name: str, *, keep_allocation: bool) -> ModelView:
         entry = self._entry(name)
+        if entry.record.drained_by:
+            raise FailedPrecondition(
+                f"model {name}: partition operation {entry.record.drained_by} drained it and will restart it",
+                hint="wait for the operation (`gpusharectl operation wait ID`), then stop the model",
+            )
+        if entry.record.allocation_id not in self._allocations.view.ledger.allocations:
+            # It lost its allocation (it did not fit after a layout change): only the record is left.
+            if not (caller.admin or caller.uid == entry.record.owner_uid):
+                raise PermissionDenied(
+                    f"model {name}: owned by uid {entry.record.owner_uid}, not by you (uid {caller.uid})",
+                    hint="only the owner or an admin may stop it",
+                )
+            view = self._view(entry)
+            await self._allocations.commit.record(ModelDeleted(name), then=lambda: self._forget(name))
+            self._files.remove_home(name)
+            return view
         allocation = self._allocations.get(entry.record.allocation_id)
         authorize_release(caller, allocation)
         if entry.supervisor is not None:
@@ -392,6 +423,10 @@ class ModelService:
         """Re-adopt children that survived the daemon, restart those that died meanwhile."""
         for record in records:
             allocation = self._allocations.view.ledger.allocations.get(record.allocation_id)
+            if record.drained_by or (allocation is None and record.failure):
+                # A partition operation holds it (and resumes before serving), or it is FAILED with its reason.
+                self._entries[record.name] = _Entry(record, None, self._files.log_path(record.name), ())
+                continue
             if allocation is None:
                 log.error(
                     "model %s: its allocation %s is gone; forgetting the model",
@@ -421,6 +456,86 @@ class ModelService:
                 extra={"event": "restart_after_daemon_down", "model": record.name},
             )
             self._start_in_background(entry.supervisor)
+
+    # -- partition operations ----------------------------------------------------------------------
+
+    async def drain(self, name: str, operation_id: str) -> None:
+        """Stop the model and give back its partitions for a layout change, remembering to restart it.
+
+        Idempotent, so a resumed operation can run it again. The record says "drained" before anything is
+        stopped: a daemon that dies in between must not restart the model on the GPUs being changed."""
+        entry = self._entries.get(name)
+        if entry is None:
+            return
+        if entry.record.drained_by != operation_id:
+            entry.record = replace(entry.record, drained_by=operation_id, failure="")
+            await self._allocations.commit.record(ModelSaved(entry.record))
+        if entry.supervisor is not None:
+            await entry.supervisor.stop()
+            entry.supervisor = None
+        allocation = self._allocations.view.ledger.allocations.get(entry.record.allocation_id)
+        if allocation is not None:
+            await self._allocations.release(SYSTEM, allocation.id)
+        if entry.record.allocation_id:
+            entry.record = replace(entry.record, allocation_id="", pid=0, start_time=0)
+            await self._allocations.commit.record(ModelSaved(entry.record))
+        log.info(
+            "drained model %s for partition operation %s",
+            name,
+            operation_id,
+            extra={"event": "drain", "model": name, "operation": operation_id},
+        )
+
+    async def undrain(self, name: str) -> str:
+        """Place a drained model again (memory budget recomputed for the partitions it gets) and start it;
+        returns "" when started, else why it could not be placed (it is then FAILED with that reason)."""
+        entry = self._entries.get(name)
+        if entry is None or not entry.record.drained_by:
+            return ""
+        record = entry.record
+        spec = record.spec
+        try:
+            memory = derive_memory_bytes(spec, self._smallest_cap(None, None))
+            allocation = await self._allocations.allocate(
+                Caller(uid=record.owner_uid, gid=record.run_as_gid, pid=0, admin=True),
+                AllocationRequest(
+                    memory_bytes=memory,
+                    partition_count=spec.partitions,
+                    gpu_index=None,
+                    compute_partition=None,
+                    name=spec.name,
+                    policy=None,
+                ),
+            )
+        except GpushareError as exc:
+            why = f"no room on the new partition layout after operation {record.drained_by}: {exc}"
+            entry.record = replace(record, drained_by="", failure=why)
+            await self._allocations.commit.record(ModelSaved(entry.record))
+            log.error("model %s: %s", name, why, extra={"event": "undrain_failed", "model": name})
+            return why
+        entry.record = replace(record, allocation_id=allocation.id, drained_by="", failure="")
+        try:
+            prepared = self._prepare(entry.record, allocation)
+        except GpushareError as exc:
+            await self._allocations.release(SYSTEM, allocation.id)
+            why = f"cannot run on the new partition layout: {exc}"
+            entry.record = replace(entry.record, allocation_id="", failure=why)
+            await self._allocations.commit.record(ModelSaved(entry.record))
+            return why
+        await self._allocations.commit.record(ModelSaved(entry.record))
+        entry.supervisor, entry.argv = prepared.supervisor, prepared.argv
+        assert entry.supervisor is not None
+        self._start_in_background(entry.supervisor)
+        log.info(
+            "restarting model %s on %s after the partition operation",
+            name,
+            allocation.id,
+            extra={"event": "undrain", "model": name, "allocation": allocation.id},
+        )
+        return ""
+
+    def drained(self, operation_id: str) -> list[str]:
+        return [n for n, e in self._entries.items() if e.record.drained_by == operation_id]
 
     def _start_in_background(self, supervisor: ModelSupervisor) -> None:
         """Start without holding the caller: waiting for the pool's start slot can take minutes (another

@@ -26,13 +26,22 @@ from gpushared.domain.allocation import (
 )
 from gpushared.domain.caller import Caller
 from gpushared.domain.errors import GpushareError, InvalidArgument, Unauthenticated
-from gpushared.domain.gpu import ComputePartition, GpuInfo, MemoryPartition, PartitionInfo
+from gpushared.domain.gpu import ComputePartition, GpuInfo, PartitionInfo
 from gpushared.domain.lease import device_nodes, lease_environment, leased_partitions
 from gpushared.domain.model import Engine, ModelSpec
 from gpushared.domain.model_state import ModelState
 from gpushared.services.allocations import AllocationService, HostView
 from gpushared.services.models import ModelService, ModelView
+from gpushared.services.partitions import PartitionService
 from gpushared.transport.front_door import identity_from_peer
+from gpushared.transport.partition_pb import (
+    COMPUTE_FROM_PB,
+    COMPUTE_TO_PB,
+    MEMORY_TO_PB,
+    layout_request_from_pb,
+    operation_to_pb,
+    plan_to_pb,
+)
 from gpushared.transport.status import HINT_METADATA_KEY, status_for
 
 log = logging.getLogger("gpushared.api")
@@ -44,18 +53,6 @@ def _serialize(message: Message) -> bytes:
     return message.SerializeToString()
 
 
-COMPUTE_TO_PB = {
-    ComputePartition.SPX: pb.COMPUTE_PARTITION_SPX,
-    ComputePartition.DPX: pb.COMPUTE_PARTITION_DPX,
-    ComputePartition.QPX: pb.COMPUTE_PARTITION_QPX,
-    ComputePartition.CPX: pb.COMPUTE_PARTITION_CPX,
-}
-COMPUTE_FROM_PB = {v: k for k, v in COMPUTE_TO_PB.items()}
-MEMORY_TO_PB = {
-    MemoryPartition.NPS1: pb.MEMORY_PARTITION_NPS1,
-    MemoryPartition.NPS2: pb.MEMORY_PARTITION_NPS2,
-    MemoryPartition.NPS4: pb.MEMORY_PARTITION_NPS4,
-}
 STATE_TO_PB = {
     PartitionState.FREE: pb.PARTITION_STATE_FREE,
     PartitionState.ALLOCATED: pb.PARTITION_STATE_ALLOCATED,
@@ -87,10 +84,16 @@ class GpushareServicer:
     message gets INVALID_ARGUMENT naming the message type instead of grpcio's opaque UNKNOWN."""
 
     def __init__(
-        self, allocations: AllocationService, auth: Authenticator, backend_name: str, models: ModelService
+        self,
+        allocations: AllocationService,
+        auth: Authenticator,
+        backend_name: str,
+        models: ModelService,
+        partitions: PartitionService,
     ) -> None:
         self._allocations = allocations
         self._models = models
+        self._partitions = partitions
         self._auth = auth
         self._backend = backend_name
         self._started = time.monotonic()
@@ -107,6 +110,11 @@ class GpushareServicer:
             "ListModels": (pb.ListModelsRequest, self._list_models),
             "GetModel": (pb.GetModelRequest, self._get_model),
             "ReadModelLog": (pb.ReadModelLogRequest, self._read_model_log),
+            "PlanPartitions": (pb.PlanPartitionsRequest, self._plan_partitions),
+            "ApplyPartitions": (pb.ApplyPartitionsRequest, self._apply_partitions),
+            "GetOperation": (pb.GetOperationRequest, self._get_operation),
+            "ListOperations": (pb.ListOperationsRequest, self._list_operations),
+            "ClearDegradedGpu": (pb.ClearDegradedGpuRequest, self._clear_degraded_gpu),
         }
         missing = set(SERVICE.methods_by_name) ^ set(methods)
         if missing:
@@ -170,11 +178,48 @@ class GpushareServicer:
             memory_allocated_bytes=sum(a.memory_bytes_total for a in ledger.allocations.values()),
             caller=pb.Caller(uid=caller.uid, gid=caller.gid, pid=caller.pid, admin=caller.admin),
             observed_at=_timestamp(view.observed_at),
+            drift=self._partitions.drift,
+            degraded_gpus=[
+                pb.DegradedGpu(gpu_index=g.index, gpu_bdf=g.bdf, reason=ledger.degraded_gpus[g.bdf])
+                for g in view.inventory.gpus
+                if g.bdf in ledger.degraded_gpus
+            ],
+            operation_id=running.id if (running := self._partitions.busy) is not None else "",
         )
+
+    async def _plan_partitions(self, caller: Caller, request: pb.PlanPartitionsRequest) -> pb.PlanPartitionsResponse:
+        layout = layout_request_from_pb(request.layout, len(self._allocations.view.inventory.gpus))
+        return pb.PlanPartitionsResponse(plan=plan_to_pb(await self._partitions.plan(layout)))
+
+    async def _apply_partitions(self, caller: Caller, request: pb.ApplyPartitionsRequest) -> pb.ApplyPartitionsResponse:
+        layout = layout_request_from_pb(request.layout, len(self._allocations.view.inventory.gpus))
+        operation = await self._partitions.apply(caller, layout, drain=request.drain)
+        return pb.ApplyPartitionsResponse(operation=operation_to_pb(operation, time.time()))
+
+    def _get_operation(self, caller: Caller, request: pb.GetOperationRequest) -> pb.GetOperationResponse:
+        return pb.GetOperationResponse(operation=operation_to_pb(self._partitions.get(request.id), time.time()))
+
+    def _list_operations(self, caller: Caller, request: pb.ListOperationsRequest) -> pb.ListOperationsResponse:
+        now = time.time()
+        return pb.ListOperationsResponse(operations=[operation_to_pb(op, now) for op in self._partitions.all()])
+
+    async def _clear_degraded_gpu(
+        self, caller: Caller, request: pb.ClearDegradedGpuRequest
+    ) -> pb.ClearDegradedGpuResponse:
+        return pb.ClearDegradedGpuResponse(reason=await self._partitions.clear_degraded(caller, request.gpu_index))
 
     def _list_gpus(self, caller: Caller, request: pb.ListGpusRequest) -> pb.ListGpusResponse:
         view = self._allocations.view
-        return pb.ListGpusResponse(gpus=[_gpu_to_pb(g, view.ledger) for g in view.inventory.gpus])
+        desired = self._partitions.desired
+        gpus = []
+        for gpu in view.inventory.gpus:
+            message = _gpu_to_pb(gpu, view.ledger)
+            message.closed_reason = view.ledger.closed_gpus.get(gpu.bdf, "")
+            if gpu.index in desired:
+                message.desired_compute_partition = COMPUTE_TO_PB[desired[gpu.index].compute]
+                message.desired_memory_partition = MEMORY_TO_PB[desired[gpu.index].memory]
+            gpus.append(message)
+        return pb.ListGpusResponse(gpus=gpus)
 
     def _list_partitions(self, caller: Caller, request: pb.ListPartitionsRequest) -> pb.ListPartitionsResponse:
         view = self._allocations.view

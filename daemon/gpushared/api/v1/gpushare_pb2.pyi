@@ -216,6 +216,33 @@ MODEL_STATE_STOPPING: ModelState.ValueType  # 7
 MODEL_STATE_STOPPED: ModelState.ValueType  # 8
 Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
 
+class _OperationState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OperationStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OperationState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OPERATION_STATE_UNSPECIFIED: _OperationState.ValueType  # 0
+    OPERATION_STATE_RUNNING: _OperationState.ValueType  # 1
+    OPERATION_STATE_ROLLING_BACK: _OperationState.ValueType  # 2
+    OPERATION_STATE_SUCCEEDED: _OperationState.ValueType  # 3
+    OPERATION_STATE_FAILED: _OperationState.ValueType  # 4
+    """did not happen: the GPUs are in their previous layout"""
+    OPERATION_STATE_DEGRADED: _OperationState.ValueType  # 5
+    """some GPUs could not be restored and are excluded"""
+
+class OperationState(_OperationState, metaclass=_OperationStateEnumTypeWrapper): ...
+
+OPERATION_STATE_UNSPECIFIED: OperationState.ValueType  # 0
+OPERATION_STATE_RUNNING: OperationState.ValueType  # 1
+OPERATION_STATE_ROLLING_BACK: OperationState.ValueType  # 2
+OPERATION_STATE_SUCCEEDED: OperationState.ValueType  # 3
+OPERATION_STATE_FAILED: OperationState.ValueType  # 4
+"""did not happen: the GPUs are in their previous layout"""
+OPERATION_STATE_DEGRADED: OperationState.ValueType  # 5
+"""some GPUs could not be restored and are excluded"""
+Global___OperationState: _TypeAlias = OperationState  # noqa: Y015
+
 @_typing.final
 class Caller(_message.Message):
     """Who the daemon identified the caller as, from SO_PEERCRED."""
@@ -278,6 +305,9 @@ class GetStatusResponse(_message.Message):
     MEMORY_ALLOCATED_BYTES_FIELD_NUMBER: _builtins.int
     CALLER_FIELD_NUMBER: _builtins.int
     OBSERVED_AT_FIELD_NUMBER: _builtins.int
+    DRIFT_FIELD_NUMBER: _builtins.int
+    DEGRADED_GPUS_FIELD_NUMBER: _builtins.int
+    OPERATION_ID_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """gpushared version"""
     backend: _builtins.str
@@ -293,12 +323,20 @@ class GetStatusResponse(_message.Message):
     """all GPUs, as reported by the backend"""
     memory_allocated_bytes: _builtins.int
     """reserved by allocations"""
+    operation_id: _builtins.str
+    """the partition operation running now, if any"""
     @_builtins.property
     def caller(self) -> Global___Caller: ...
     @_builtins.property
     def observed_at(self) -> _timestamp_pb2.Timestamp:
         """when the hardware was last observed"""
 
+    @_builtins.property
+    def drift(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """where the hardware differs from the configured or last-set layout"""
+
+    @_builtins.property
+    def degraded_gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___DegradedGpu]: ...
     def __init__(
         self,
         *,
@@ -314,14 +352,42 @@ class GetStatusResponse(_message.Message):
         memory_allocated_bytes: _builtins.int = ...,
         caller: Global___Caller | None = ...,
         observed_at: _timestamp_pb2.Timestamp | None = ...,
+        drift: _abc.Iterable[_builtins.str] | None = ...,
+        degraded_gpus: _abc.Iterable[Global___DegradedGpu] | None = ...,
+        operation_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "observed_at", b"observed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_count", b"allocation_count", "backend", b"backend", "caller", b"caller", "degraded_partition_count", b"degraded_partition_count", "free_partition_count", b"free_partition_count", "gpu_count", b"gpu_count", "memory_allocated_bytes", b"memory_allocated_bytes", "memory_total_bytes", b"memory_total_bytes", "observed_at", b"observed_at", "partition_count", b"partition_count", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_count", b"allocation_count", "backend", b"backend", "caller", b"caller", "degraded_gpus", b"degraded_gpus", "degraded_partition_count", b"degraded_partition_count", "drift", b"drift", "free_partition_count", b"free_partition_count", "gpu_count", b"gpu_count", "memory_allocated_bytes", b"memory_allocated_bytes", "memory_total_bytes", b"memory_total_bytes", "observed_at", b"observed_at", "operation_id", b"operation_id", "partition_count", b"partition_count", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class DegradedGpu(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GPU_INDEX_FIELD_NUMBER: _builtins.int
+    GPU_BDF_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    gpu_index: _builtins.int
+    gpu_bdf: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        gpu_index: _builtins.int = ...,
+        gpu_bdf: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpu_bdf", b"gpu_bdf", "gpu_index", b"gpu_index", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DegradedGpu: _TypeAlias = DegradedGpu  # noqa: Y015
 
 @_typing.final
 class ListGpusRequest(_message.Message):
@@ -375,6 +441,9 @@ class Gpu(_message.Message):
     MEMORY_USED_BYTES_FIELD_NUMBER: _builtins.int
     MEMORY_POOLS_FIELD_NUMBER: _builtins.int
     PARTITIONS_FIELD_NUMBER: _builtins.int
+    DESIRED_COMPUTE_PARTITION_FIELD_NUMBER: _builtins.int
+    DESIRED_MEMORY_PARTITION_FIELD_NUMBER: _builtins.int
+    CLOSED_REASON_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """position in BDF order"""
     bdf: _builtins.str
@@ -387,6 +456,11 @@ class Gpu(_message.Message):
     """whole-GPU VRAM as reported (196592 MiB on MI300X)"""
     memory_used_bytes: _builtins.int
     """VRAM in use as the hardware reports it"""
+    desired_compute_partition: Global___ComputePartition.ValueType
+    """from the configured layout; UNSPECIFIED when none"""
+    desired_memory_partition: Global___MemoryPartition.ValueType
+    closed_reason: _builtins.str
+    """why it admits no allocation now (operation running, degraded)"""
     @_builtins.property
     def available_compute_partitions(self) -> _containers.RepeatedScalarFieldContainer[Global___ComputePartition.ValueType]:
         """valid under the current memory partition"""
@@ -413,10 +487,13 @@ class Gpu(_message.Message):
         memory_used_bytes: _builtins.int = ...,
         memory_pools: _abc.Iterable[Global___MemoryPool] | None = ...,
         partitions: _abc.Iterable[Global___Partition] | None = ...,
+        desired_compute_partition: Global___ComputePartition.ValueType = ...,
+        desired_memory_partition: Global___MemoryPartition.ValueType = ...,
+        closed_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_compute_partitions", b"available_compute_partitions", "available_memory_partitions", b"available_memory_partitions", "bdf", b"bdf", "compute_partition", b"compute_partition", "index", b"index", "memory_partition", b"memory_partition", "memory_pools", b"memory_pools", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "model_name", b"model_name", "partitions", b"partitions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_compute_partitions", b"available_compute_partitions", "available_memory_partitions", b"available_memory_partitions", "bdf", b"bdf", "closed_reason", b"closed_reason", "compute_partition", b"compute_partition", "desired_compute_partition", b"desired_compute_partition", "desired_memory_partition", b"desired_memory_partition", "index", b"index", "memory_partition", b"memory_partition", "memory_pools", b"memory_pools", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "model_name", b"model_name", "partitions", b"partitions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1322,3 +1399,536 @@ class ReadModelLogResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReadModelLogResponse: _TypeAlias = ReadModelLogResponse  # noqa: Y015
+
+@_typing.final
+class LayoutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GPU_INDICES_FIELD_NUMBER: _builtins.int
+    COMPUTE_PARTITION_FIELD_NUMBER: _builtins.int
+    MEMORY_PARTITION_FIELD_NUMBER: _builtins.int
+    compute_partition: Global___ComputePartition.ValueType
+    memory_partition: Global___MemoryPartition.ValueType
+    """UNSPECIFIED keeps the host's memory partition"""
+    @_builtins.property
+    def gpu_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """the GPUs to change; empty means every GPU"""
+
+    def __init__(
+        self,
+        *,
+        gpu_indices: _abc.Iterable[_builtins.int] | None = ...,
+        compute_partition: Global___ComputePartition.ValueType = ...,
+        memory_partition: Global___MemoryPartition.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_partition", b"compute_partition", "gpu_indices", b"gpu_indices", "memory_partition", b"memory_partition"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LayoutRequest: _TypeAlias = LayoutRequest  # noqa: Y015
+
+@_typing.final
+class PlanPartitionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAYOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def layout(self) -> Global___LayoutRequest: ...
+    def __init__(
+        self,
+        *,
+        layout: Global___LayoutRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanPartitionsRequest: _TypeAlias = PlanPartitionsRequest  # noqa: Y015
+
+@_typing.final
+class GpuLayoutChange(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GPU_INDEX_FIELD_NUMBER: _builtins.int
+    GPU_BDF_FIELD_NUMBER: _builtins.int
+    COMPUTE_BEFORE_FIELD_NUMBER: _builtins.int
+    MEMORY_BEFORE_FIELD_NUMBER: _builtins.int
+    COMPUTE_AFTER_FIELD_NUMBER: _builtins.int
+    MEMORY_AFTER_FIELD_NUMBER: _builtins.int
+    WHY_FIELD_NUMBER: _builtins.int
+    PARTITIONS_AFTER_FIELD_NUMBER: _builtins.int
+    POOLS_AFTER_FIELD_NUMBER: _builtins.int
+    POOL_BYTES_AFTER_FIELD_NUMBER: _builtins.int
+    gpu_index: _builtins.int
+    gpu_bdf: _builtins.str
+    compute_before: Global___ComputePartition.ValueType
+    memory_before: Global___MemoryPartition.ValueType
+    compute_after: Global___ComputePartition.ValueType
+    memory_after: Global___MemoryPartition.ValueType
+    why: _builtins.str
+    """"requested", or why a GPU outside the request is touched"""
+    partitions_after: _builtins.int
+    pools_after: _builtins.int
+    pool_bytes_after: _builtins.int
+    """the most one partition can be given afterwards"""
+    def __init__(
+        self,
+        *,
+        gpu_index: _builtins.int = ...,
+        gpu_bdf: _builtins.str = ...,
+        compute_before: Global___ComputePartition.ValueType = ...,
+        memory_before: Global___MemoryPartition.ValueType = ...,
+        compute_after: Global___ComputePartition.ValueType = ...,
+        memory_after: Global___MemoryPartition.ValueType = ...,
+        why: _builtins.str = ...,
+        partitions_after: _builtins.int = ...,
+        pools_after: _builtins.int = ...,
+        pool_bytes_after: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_after", b"compute_after", "compute_before", b"compute_before", "gpu_bdf", b"gpu_bdf", "gpu_index", b"gpu_index", "memory_after", b"memory_after", "memory_before", b"memory_before", "partitions_after", b"partitions_after", "pool_bytes_after", b"pool_bytes_after", "pools_after", b"pools_after", "why", b"why"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GpuLayoutChange: _TypeAlias = GpuLayoutChange  # noqa: Y015
+
+@_typing.final
+class PlanStep(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    GPU_INDICES_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """fence, drain, clear_holders, set_memory, reload_driver, ..."""
+    description: _builtins.str
+    @_builtins.property
+    def gpu_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        gpu_indices: _abc.Iterable[_builtins.int] | None = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "gpu_indices", b"gpu_indices", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanStep: _TypeAlias = PlanStep  # noqa: Y015
+
+@_typing.final
+class DeviceHolder(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PID_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
+    GPU_INDEX_FIELD_NUMBER: _builtins.int
+    PARTITION_ID_FIELD_NUMBER: _builtins.int
+    VRAM_BYTES_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    pid: _builtins.int
+    uid: _builtins.int
+    """-1 when the process could not be read"""
+    user: _builtins.str
+    command: _builtins.str
+    gpu_index: _builtins.int
+    partition_id: _builtins.int
+    vram_bytes: _builtins.int
+    model: _builtins.str
+    """the served model it belongs to; empty for a foreign process"""
+    def __init__(
+        self,
+        *,
+        pid: _builtins.int = ...,
+        uid: _builtins.int = ...,
+        user: _builtins.str = ...,
+        command: _builtins.str = ...,
+        gpu_index: _builtins.int = ...,
+        partition_id: _builtins.int = ...,
+        vram_bytes: _builtins.int = ...,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "gpu_index", b"gpu_index", "model", b"model", "partition_id", b"partition_id", "pid", b"pid", "uid", b"uid", "user", b"user", "vram_bytes", b"vram_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceHolder: _TypeAlias = DeviceHolder  # noqa: Y015
+
+@_typing.final
+class AffectedAllocation(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALLOCATION_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    OWNER_UID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    GPU_INDICES_FIELD_NUMBER: _builtins.int
+    allocation_id: _builtins.str
+    name: _builtins.str
+    owner_uid: _builtins.int
+    model: _builtins.str
+    """empty for a bare allocation (which blocks an apply)"""
+    @_builtins.property
+    def gpu_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        allocation_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        owner_uid: _builtins.int = ...,
+        model: _builtins.str = ...,
+        gpu_indices: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_id", b"allocation_id", "gpu_indices", b"gpu_indices", "model", b"model", "name", b"name", "owner_uid", b"owner_uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AffectedAllocation: _TypeAlias = AffectedAllocation  # noqa: Y015
+
+@_typing.final
+class PartitionPlan(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    ALLOCATIONS_FIELD_NUMBER: _builtins.int
+    HOLDERS_FIELD_NUMBER: _builtins.int
+    HOLDER_SERVICES_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
+    BLOCKERS_FIELD_NUMBER: _builtins.int
+    BLOCKERS_WITH_DRAIN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuLayoutChange]:
+        """empty: nothing to do"""
+
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlanStep]: ...
+    @_builtins.property
+    def allocations(self) -> _containers.RepeatedCompositeFieldContainer[Global___AffectedAllocation]: ...
+    @_builtins.property
+    def holders(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceHolder]: ...
+    @_builtins.property
+    def holder_services(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """units stopped around the switch"""
+
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def blockers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """why an apply without drain would be refused"""
+
+    @_builtins.property
+    def blockers_with_drain(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """why an apply with drain would be refused"""
+
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[Global___GpuLayoutChange] | None = ...,
+        steps: _abc.Iterable[Global___PlanStep] | None = ...,
+        allocations: _abc.Iterable[Global___AffectedAllocation] | None = ...,
+        holders: _abc.Iterable[Global___DeviceHolder] | None = ...,
+        holder_services: _abc.Iterable[_builtins.str] | None = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
+        blockers: _abc.Iterable[_builtins.str] | None = ...,
+        blockers_with_drain: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations", "blockers", b"blockers", "blockers_with_drain", b"blockers_with_drain", "changes", b"changes", "holder_services", b"holder_services", "holders", b"holders", "steps", b"steps", "warnings", b"warnings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartitionPlan: _TypeAlias = PartitionPlan  # noqa: Y015
+
+@_typing.final
+class PlanPartitionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def plan(self) -> Global___PartitionPlan: ...
+    def __init__(
+        self,
+        *,
+        plan: Global___PartitionPlan | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanPartitionsResponse: _TypeAlias = PlanPartitionsResponse  # noqa: Y015
+
+@_typing.final
+class ApplyPartitionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAYOUT_FIELD_NUMBER: _builtins.int
+    DRAIN_FIELD_NUMBER: _builtins.int
+    drain: _builtins.bool
+    """stop the models in the way and restart them afterwards"""
+    @_builtins.property
+    def layout(self) -> Global___LayoutRequest: ...
+    def __init__(
+        self,
+        *,
+        layout: Global___LayoutRequest | None = ...,
+        drain: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drain", b"drain", "layout", b"layout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyPartitionsRequest: _TypeAlias = ApplyPartitionsRequest  # noqa: Y015
+
+@_typing.final
+class ApplyPartitionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def operation(self) -> Global___Operation: ...
+    def __init__(
+        self,
+        *,
+        operation: Global___Operation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyPartitionsResponse: _TypeAlias = ApplyPartitionsResponse  # noqa: Y015
+
+@_typing.final
+class OperationEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OperationEvent: _TypeAlias = OperationEvent  # noqa: Y015
+
+@_typing.final
+class Operation(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    STEP_DONE_FIELD_NUMBER: _builtins.int
+    STEPS_DONE_FIELD_NUMBER: _builtins.int
+    STEP_COUNT_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    ELAPSED_SECONDS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    FAILED_STEP_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    CHANGES_FIELD_NUMBER: _builtins.int
+    DRAINED_MODELS_FIELD_NUMBER: _builtins.int
+    STOPPED_SERVICES_FIELD_NUMBER: _builtins.int
+    DRAIN_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_UID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    state: Global___OperationState.ValueType
+    step: _builtins.str
+    """the step last started"""
+    step_done: _builtins.bool
+    steps_done: _builtins.int
+    step_count: _builtins.int
+    progress: _builtins.str
+    """the latest event"""
+    elapsed_seconds: _builtins.float
+    error: _builtins.str
+    failed_step: _builtins.str
+    drain: _builtins.bool
+    requested_by_uid: _builtins.int
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___OperationEvent]: ...
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuLayoutChange]: ...
+    @_builtins.property
+    def drained_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def stopped_services(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        state: Global___OperationState.ValueType = ...,
+        step: _builtins.str = ...,
+        step_done: _builtins.bool = ...,
+        steps_done: _builtins.int = ...,
+        step_count: _builtins.int = ...,
+        progress: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        finished_at: _timestamp_pb2.Timestamp | None = ...,
+        elapsed_seconds: _builtins.float = ...,
+        error: _builtins.str = ...,
+        failed_step: _builtins.str = ...,
+        events: _abc.Iterable[Global___OperationEvent] | None = ...,
+        changes: _abc.Iterable[Global___GpuLayoutChange] | None = ...,
+        drained_models: _abc.Iterable[_builtins.str] | None = ...,
+        stopped_services: _abc.Iterable[_builtins.str] | None = ...,
+        drain: _builtins.bool = ...,
+        requested_by_uid: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "created_at", b"created_at", "drain", b"drain", "drained_models", b"drained_models", "elapsed_seconds", b"elapsed_seconds", "error", b"error", "events", b"events", "failed_step", b"failed_step", "finished_at", b"finished_at", "id", b"id", "progress", b"progress", "requested_by_uid", b"requested_by_uid", "state", b"state", "step", b"step", "step_count", b"step_count", "step_done", b"step_done", "steps_done", b"steps_done", "stopped_services", b"stopped_services"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Operation: _TypeAlias = Operation  # noqa: Y015
+
+@_typing.final
+class GetOperationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOperationRequest: _TypeAlias = GetOperationRequest  # noqa: Y015
+
+@_typing.final
+class GetOperationResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def operation(self) -> Global___Operation: ...
+    def __init__(
+        self,
+        *,
+        operation: Global___Operation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOperationResponse: _TypeAlias = GetOperationResponse  # noqa: Y015
+
+@_typing.final
+class ListOperationsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListOperationsRequest: _TypeAlias = ListOperationsRequest  # noqa: Y015
+
+@_typing.final
+class ListOperationsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def operations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Operation]: ...
+    def __init__(
+        self,
+        *,
+        operations: _abc.Iterable[Global___Operation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operations", b"operations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListOperationsResponse: _TypeAlias = ListOperationsResponse  # noqa: Y015
+
+@_typing.final
+class ClearDegradedGpuRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GPU_INDEX_FIELD_NUMBER: _builtins.int
+    gpu_index: _builtins.int
+    def __init__(
+        self,
+        *,
+        gpu_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpu_index", b"gpu_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClearDegradedGpuRequest: _TypeAlias = ClearDegradedGpuRequest  # noqa: Y015
+
+@_typing.final
+class ClearDegradedGpuResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """the mark that was cleared"""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClearDegradedGpuResponse: _TypeAlias = ClearDegradedGpuResponse  # noqa: Y015

@@ -95,6 +95,31 @@ class GpushareStub:
                 request_serializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ReadModelLogRequest.SerializeToString,
                 response_deserializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ReadModelLogResponse.FromString,
                 _registered_method=True)
+        self.PlanPartitions = channel.unary_unary(
+                '/gpushare.v1.Gpushare/PlanPartitions',
+                request_serializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.PlanPartitionsRequest.SerializeToString,
+                response_deserializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.PlanPartitionsResponse.FromString,
+                _registered_method=True)
+        self.ApplyPartitions = channel.unary_unary(
+                '/gpushare.v1.Gpushare/ApplyPartitions',
+                request_serializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ApplyPartitionsRequest.SerializeToString,
+                response_deserializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ApplyPartitionsResponse.FromString,
+                _registered_method=True)
+        self.GetOperation = channel.unary_unary(
+                '/gpushare.v1.Gpushare/GetOperation',
+                request_serializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.GetOperationRequest.SerializeToString,
+                response_deserializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.GetOperationResponse.FromString,
+                _registered_method=True)
+        self.ListOperations = channel.unary_unary(
+                '/gpushare.v1.Gpushare/ListOperations',
+                request_serializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ListOperationsRequest.SerializeToString,
+                response_deserializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ListOperationsResponse.FromString,
+                _registered_method=True)
+        self.ClearDegradedGpu = channel.unary_unary(
+                '/gpushare.v1.Gpushare/ClearDegradedGpu',
+                request_serializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ClearDegradedGpuRequest.SerializeToString,
+                response_deserializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ClearDegradedGpuResponse.FromString,
+                _registered_method=True)
 
 
 class GpushareServicer:
@@ -199,6 +224,49 @@ class GpushareServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PlanPartitions(self, request, context):
+        """A dry run of a partition layout change: the steps, the GPUs touched (a memory partition change
+        touches every GPU of the hive), the allocations and models that would be drained, the processes
+        holding the devices, and the resulting partitions and pools. No side effects. Any caller.
+        INVALID_ARGUMENT for a combination the hardware does not allow, NOT_FOUND for an unknown GPU.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyPartitions(self, request, context):
+        """Start changing the partition layout. Returns the operation at once; poll GetOperation. Admin
+        only (PERMISSION_DENIED otherwise). FAILED_PRECONDITION when another operation runs, or when
+        something is in the way (models without drain, bare allocations, foreign device holders),
+        with everything listed and nothing changed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOperation(self, request, context):
+        """One partition operation: phase, progress, history and result. Any caller. NOT_FOUND once
+        it has aged out of the journal.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOperations(self, request, context):
+        """Partition operations still in the journal (the running one and recent finished ones). Any caller.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearDegradedGpu(self, request, context):
+        """Let a GPU that a failed operation marked degraded be allocated again, after the admin has
+        checked it. Admin only. FAILED_PRECONDITION when it is not marked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GpushareServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -261,6 +329,31 @@ def add_GpushareServicer_to_server(servicer, server):
                     servicer.ReadModelLog,
                     request_deserializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ReadModelLogRequest.FromString,
                     response_serializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ReadModelLogResponse.SerializeToString,
+            ),
+            'PlanPartitions': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanPartitions,
+                    request_deserializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.PlanPartitionsRequest.FromString,
+                    response_serializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.PlanPartitionsResponse.SerializeToString,
+            ),
+            'ApplyPartitions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyPartitions,
+                    request_deserializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ApplyPartitionsRequest.FromString,
+                    response_serializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ApplyPartitionsResponse.SerializeToString,
+            ),
+            'GetOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOperation,
+                    request_deserializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.GetOperationRequest.FromString,
+                    response_serializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.GetOperationResponse.SerializeToString,
+            ),
+            'ListOperations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOperations,
+                    request_deserializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ListOperationsRequest.FromString,
+                    response_serializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ListOperationsResponse.SerializeToString,
+            ),
+            'ClearDegradedGpu': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearDegradedGpu,
+                    request_deserializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ClearDegradedGpuRequest.FromString,
+                    response_serializer=gpushared_dot_api_dot_v1_dot_gpushare__pb2.ClearDegradedGpuResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -588,6 +681,141 @@ class Gpushare:
             '/gpushare.v1.Gpushare/ReadModelLog',
             gpushared_dot_api_dot_v1_dot_gpushare__pb2.ReadModelLogRequest.SerializeToString,
             gpushared_dot_api_dot_v1_dot_gpushare__pb2.ReadModelLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanPartitions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpushare.v1.Gpushare/PlanPartitions',
+            gpushared_dot_api_dot_v1_dot_gpushare__pb2.PlanPartitionsRequest.SerializeToString,
+            gpushared_dot_api_dot_v1_dot_gpushare__pb2.PlanPartitionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyPartitions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpushare.v1.Gpushare/ApplyPartitions',
+            gpushared_dot_api_dot_v1_dot_gpushare__pb2.ApplyPartitionsRequest.SerializeToString,
+            gpushared_dot_api_dot_v1_dot_gpushare__pb2.ApplyPartitionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpushare.v1.Gpushare/GetOperation',
+            gpushared_dot_api_dot_v1_dot_gpushare__pb2.GetOperationRequest.SerializeToString,
+            gpushared_dot_api_dot_v1_dot_gpushare__pb2.GetOperationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOperations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpushare.v1.Gpushare/ListOperations',
+            gpushared_dot_api_dot_v1_dot_gpushare__pb2.ListOperationsRequest.SerializeToString,
+            gpushared_dot_api_dot_v1_dot_gpushare__pb2.ListOperationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearDegradedGpu(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpushare.v1.Gpushare/ClearDegradedGpu',
+            gpushared_dot_api_dot_v1_dot_gpushare__pb2.ClearDegradedGpuRequest.SerializeToString,
+            gpushared_dot_api_dot_v1_dot_gpushare__pb2.ClearDegradedGpuResponse.FromString,
             options,
             channel_credentials,
             insecure,

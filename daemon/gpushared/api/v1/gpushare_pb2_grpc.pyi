@@ -85,6 +85,28 @@ class GpushareStub:
     """Read a model's log (its child's stdout and stderr): the last lines, or from an offset to
     follow it. The model's owner or an admin: logs may hold prompts.
     """
+    PlanPartitions: _grpc.UnaryUnaryMultiCallable[_gpushare_pb2.PlanPartitionsRequest, _gpushare_pb2.PlanPartitionsResponse]
+    """A dry run of a partition layout change: the steps, the GPUs touched (a memory partition change
+    touches every GPU of the hive), the allocations and models that would be drained, the processes
+    holding the devices, and the resulting partitions and pools. No side effects. Any caller.
+    INVALID_ARGUMENT for a combination the hardware does not allow, NOT_FOUND for an unknown GPU.
+    """
+    ApplyPartitions: _grpc.UnaryUnaryMultiCallable[_gpushare_pb2.ApplyPartitionsRequest, _gpushare_pb2.ApplyPartitionsResponse]
+    """Start changing the partition layout. Returns the operation at once; poll GetOperation. Admin
+    only (PERMISSION_DENIED otherwise). FAILED_PRECONDITION when another operation runs, or when
+    something is in the way (models without drain, bare allocations, foreign device holders),
+    with everything listed and nothing changed.
+    """
+    GetOperation: _grpc.UnaryUnaryMultiCallable[_gpushare_pb2.GetOperationRequest, _gpushare_pb2.GetOperationResponse]
+    """One partition operation: phase, progress, history and result. Any caller. NOT_FOUND once
+    it has aged out of the journal.
+    """
+    ListOperations: _grpc.UnaryUnaryMultiCallable[_gpushare_pb2.ListOperationsRequest, _gpushare_pb2.ListOperationsResponse]
+    """Partition operations still in the journal (the running one and recent finished ones). Any caller."""
+    ClearDegradedGpu: _grpc.UnaryUnaryMultiCallable[_gpushare_pb2.ClearDegradedGpuRequest, _gpushare_pb2.ClearDegradedGpuResponse]
+    """Let a GPU that a failed operation marked degraded be allocated again, after the admin has
+    checked it. Admin only. FAILED_PRECONDITION when it is not marked.
+    """
 
 @_typing.type_check_only
 class GpushareAsyncStub(GpushareStub):
@@ -136,6 +158,28 @@ class GpushareAsyncStub(GpushareStub):
     ReadModelLog: _aio.UnaryUnaryMultiCallable[_gpushare_pb2.ReadModelLogRequest, _gpushare_pb2.ReadModelLogResponse]  # type: ignore[assignment]
     """Read a model's log (its child's stdout and stderr): the last lines, or from an offset to
     follow it. The model's owner or an admin: logs may hold prompts.
+    """
+    PlanPartitions: _aio.UnaryUnaryMultiCallable[_gpushare_pb2.PlanPartitionsRequest, _gpushare_pb2.PlanPartitionsResponse]  # type: ignore[assignment]
+    """A dry run of a partition layout change: the steps, the GPUs touched (a memory partition change
+    touches every GPU of the hive), the allocations and models that would be drained, the processes
+    holding the devices, and the resulting partitions and pools. No side effects. Any caller.
+    INVALID_ARGUMENT for a combination the hardware does not allow, NOT_FOUND for an unknown GPU.
+    """
+    ApplyPartitions: _aio.UnaryUnaryMultiCallable[_gpushare_pb2.ApplyPartitionsRequest, _gpushare_pb2.ApplyPartitionsResponse]  # type: ignore[assignment]
+    """Start changing the partition layout. Returns the operation at once; poll GetOperation. Admin
+    only (PERMISSION_DENIED otherwise). FAILED_PRECONDITION when another operation runs, or when
+    something is in the way (models without drain, bare allocations, foreign device holders),
+    with everything listed and nothing changed.
+    """
+    GetOperation: _aio.UnaryUnaryMultiCallable[_gpushare_pb2.GetOperationRequest, _gpushare_pb2.GetOperationResponse]  # type: ignore[assignment]
+    """One partition operation: phase, progress, history and result. Any caller. NOT_FOUND once
+    it has aged out of the journal.
+    """
+    ListOperations: _aio.UnaryUnaryMultiCallable[_gpushare_pb2.ListOperationsRequest, _gpushare_pb2.ListOperationsResponse]  # type: ignore[assignment]
+    """Partition operations still in the journal (the running one and recent finished ones). Any caller."""
+    ClearDegradedGpu: _aio.UnaryUnaryMultiCallable[_gpushare_pb2.ClearDegradedGpuRequest, _gpushare_pb2.ClearDegradedGpuResponse]  # type: ignore[assignment]
+    """Let a GPU that a failed operation marked degraded be allocated again, after the admin has
+    checked it. Admin only. FAILED_PRECONDITION when it is not marked.
     """
 
 class GpushareServicer(metaclass=_abc_1.ABCMeta):
@@ -257,6 +301,58 @@ class GpushareServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_gpushare_pb2.ReadModelLogResponse, _abc.Awaitable[_gpushare_pb2.ReadModelLogResponse]]:
         """Read a model's log (its child's stdout and stderr): the last lines, or from an offset to
         follow it. The model's owner or an admin: logs may hold prompts.
+        """
+
+    @_abc_1.abstractmethod
+    def PlanPartitions(
+        self,
+        request: _gpushare_pb2.PlanPartitionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gpushare_pb2.PlanPartitionsResponse, _abc.Awaitable[_gpushare_pb2.PlanPartitionsResponse]]:
+        """A dry run of a partition layout change: the steps, the GPUs touched (a memory partition change
+        touches every GPU of the hive), the allocations and models that would be drained, the processes
+        holding the devices, and the resulting partitions and pools. No side effects. Any caller.
+        INVALID_ARGUMENT for a combination the hardware does not allow, NOT_FOUND for an unknown GPU.
+        """
+
+    @_abc_1.abstractmethod
+    def ApplyPartitions(
+        self,
+        request: _gpushare_pb2.ApplyPartitionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gpushare_pb2.ApplyPartitionsResponse, _abc.Awaitable[_gpushare_pb2.ApplyPartitionsResponse]]:
+        """Start changing the partition layout. Returns the operation at once; poll GetOperation. Admin
+        only (PERMISSION_DENIED otherwise). FAILED_PRECONDITION when another operation runs, or when
+        something is in the way (models without drain, bare allocations, foreign device holders),
+        with everything listed and nothing changed.
+        """
+
+    @_abc_1.abstractmethod
+    def GetOperation(
+        self,
+        request: _gpushare_pb2.GetOperationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gpushare_pb2.GetOperationResponse, _abc.Awaitable[_gpushare_pb2.GetOperationResponse]]:
+        """One partition operation: phase, progress, history and result. Any caller. NOT_FOUND once
+        it has aged out of the journal.
+        """
+
+    @_abc_1.abstractmethod
+    def ListOperations(
+        self,
+        request: _gpushare_pb2.ListOperationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gpushare_pb2.ListOperationsResponse, _abc.Awaitable[_gpushare_pb2.ListOperationsResponse]]:
+        """Partition operations still in the journal (the running one and recent finished ones). Any caller."""
+
+    @_abc_1.abstractmethod
+    def ClearDegradedGpu(
+        self,
+        request: _gpushare_pb2.ClearDegradedGpuRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gpushare_pb2.ClearDegradedGpuResponse, _abc.Awaitable[_gpushare_pb2.ClearDegradedGpuResponse]]:
+        """Let a GPU that a failed operation marked degraded be allocated again, after the admin has
+        checked it. Admin only. FAILED_PRECONDITION when it is not marked.
         """
 
 def add_GpushareServicer_to_server(servicer: GpushareServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
