@@ -6,9 +6,13 @@ import contextlib
 import importlib
 import io
 import logging
+import os
 import re
+import shlex
+import signal
+import subprocess
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -114,7 +118,20 @@ _STATUS_TEXT: dict[str, tuple[str, str]] = {
         "that compute partition is not valid with the current memory partition",
     ),
     "OUT_OF_RESOURCES": ("out of resources", "too many GPU processes to list"),
+    "FILE_ERROR": ("a file the library reads could not be read", "see the file named in the message"),
 }
+
+DEFAULT_RELOAD_TIMEOUT = 600.0
+"""Seconds a configured driver reload command may take: §3.4 allows up to 140 s, DCM 5 min."""
+
+_ALL_GPUS = "all GPUs"
+_RELOAD = "reload the amdgpu driver"
+_RELOAD_HINT = (
+    "configure a driver reload command for gpushared, e.g. sh -c 'modprobe -r amdgpu && modprobe amdgpu' "
+    "(ROCm 7.13 removed amdsmi_gpu_driver_reload)"
+)
+_STDERR_TAIL = 400  # characters of the command's last stderr line kept in the error
+_KILLED_GRACE = 5.0  # seconds to wait for a killed reload command's pipe to close
 
 _BDF_RE = re.compile(r"^([0-9a-fA-F]{4}):([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])$")
 
@@ -205,9 +222,33 @@ class _Gpu:
 class AmdSmiGpuBackend:
     """GpuBackend over the amdsmi module or any object exposing the same attributes."""
 
-    def __init__(self, lib: Any, *, name: str = "amdsmi") -> None:
+    def __init__(
+        self,
+        lib: Any,
+        *,
+        name: str = "amdsmi",
+        reload_command: Sequence[str] | None = None,
+        reload_timeout: float = DEFAULT_RELOAD_TIMEOUT,
+    ) -> None:
+        """Initialise ``lib`` and check it sees a GPU.
+
+        ``reload_command`` (an argv, run without a shell) replaces amdsmi_gpu_driver_reload() in
+        reload_driver(), for hosts whose amdsmi lacks it or where the operator wants their own
+        unload/load sequence; it is used whenever given. Empty means none, as in the
+        configuration. It must finish within ``reload_timeout`` seconds.
+        """
+        if reload_command is not None:
+            # A str is a Sequence[str] too, and would run as one program per character.
+            if isinstance(reload_command, str):
+                raise ValueError(f"reload_command must be an argv list, not a string: {reload_command!r}")
+            if not all(isinstance(arg, str) for arg in reload_command):
+                raise ValueError(f"reload_command must hold only strings, got {reload_command!r}")
+        if not reload_timeout > 0:
+            raise ValueError(f"reload_timeout must be > 0 seconds, got {reload_timeout!r}")
         self._lib = lib
         self._name = name
+        self._reload_command = tuple(reload_command) if reload_command else None
+        self._reload_timeout = float(reload_timeout)
         # Calls are serialised: services call from worker threads, and a partition change in one
         # thread would otherwise invalidate the handles another thread is using.
         self._lock = threading.Lock()
@@ -282,8 +323,25 @@ class AmdSmiGpuBackend:
     def reload_driver(self) -> None:
         with self._lock:
             self._ready()
-            self._call("all GPUs", "reload the amdgpu driver", "amdsmi_gpu_driver_reload")
-            self._reinit_after_change()
+            command = self._reload_command
+            if command is None and not callable(getattr(self._lib, "amdsmi_gpu_driver_reload", None)):
+                raise HardwareError(
+                    f"{_ALL_GPUS}: {_RELOAD}: this amdsmi library has no amdsmi_gpu_driver_reload() "
+                    "and no reload command is configured",
+                    status="NOT_SUPPORTED",
+                    hint=_RELOAD_HINT,
+                )
+            try:
+                if command is None:
+                    self._call(_ALL_GPUS, _RELOAD, "amdsmi_gpu_driver_reload")
+                else:
+                    # §3.3 4.: amdsmi holds /dev/dri fds, and `modprobe -r` fails while it does.
+                    self._shut_down_quietly()
+                    self._run_reload_command(command)
+            finally:
+                # Even a failed reload may have unloaded or half-reloaded the driver: old handles
+                # cannot be trusted either way.
+                self._reinit_after_change()
 
     def close(self) -> None:
         with self._lock:
@@ -291,6 +349,47 @@ class AmdSmiGpuBackend:
                 return
             self._closed = True
             self._shut_down_quietly()
+
+    def _run_reload_command(self, command: tuple[str, ...]) -> None:
+        shown = shlex.join(command)
+        failed = f"{_ALL_GPUS}: {_RELOAD}: command {shown}"
+        hint = _STATUS_TEXT["AMDGPU_RESTART_ERR"][1]
+        try:
+            # Its own session, so a timeout can kill the whole group: a shell's modprobe child
+            # would otherwise outlive it and keep the stderr pipe open.
+            child = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise HardwareError(
+                f"{failed} could not be started: {_describe(exc)}", status="AMDGPU_RESTART_ERR", hint=hint
+            ) from exc
+        _log.info("reloading the amdgpu driver with %s (pid %d)", shown, child.pid)
+        try:
+            _, stderr = child.communicate(timeout=self._reload_timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            try:
+                _, stderr = child.communicate(timeout=_KILLED_GRACE)
+            except subprocess.TimeoutExpired:
+                # A modprobe stuck in the kernel (state D) ignores SIGKILL; do not hang with it.
+                stderr = b""
+            raise HardwareError(
+                f"{failed} did not finish within {self._reload_timeout:g} s and was killed{_last_line(stderr)}",
+                status="AMDGPU_RESTART_ERR",
+                hint=hint,
+            ) from None
+        if child.returncode != 0:
+            if child.returncode < 0:
+                how = f"was killed by {_signal_name(-child.returncode)}"
+            else:
+                how = f"exited with status {child.returncode}"
+            raise HardwareError(f"{failed} {how}{_last_line(stderr)}", status="AMDGPU_RESTART_ERR", hint=hint)
 
     # -- library lifecycle -------------------------------------------------------------------
 
@@ -553,6 +652,11 @@ class AmdSmiGpuBackend:
             meaning, hint = _STATUS_TEXT.get(name, ("", ""))
             label = f"AMDSMI_STATUS_{name} ({code})" if name != "UNKNOWN" else f"amdsmi status {code}"
             message = f"{subject}: {operation}: {label}" + (f": {meaning}" if meaning else "")
+            # The real amdsmi's exception carries only the status; the emulator's faults-file
+            # error adds a `detail` naming the file, without which the message says too little.
+            detail = getattr(exc, "detail", None)
+            if isinstance(detail, str) and detail.strip():
+                message += f": {_one_line(detail)}"
             return HardwareError(message, status=name, hint=hints.get(name, hint))
         if isinstance(exc, self._parameter_exc):
             return HardwareError(
@@ -659,6 +763,22 @@ def _one_line(text: str) -> str:
 
 def _first_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def _last_line(stderr: bytes | None) -> str:
+    """``: <last non-empty stderr line>`` for an error message, or a note that there was none."""
+    text = (stderr or b"").decode("utf-8", errors="replace")
+    line = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
+    if len(line) > _STDERR_TAIL:
+        line = line[:_STDERR_TAIL] + "..."
+    return f": {line}" if line else " (no stderr output)"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""The emulated MI300X host behind an amdsmi 7.0.2 API: partitions, enumeration, errors, state."""
+"""The emulated MI300X host behind an amdsmi 7.0.2 API: partitions, enumeration, errors, state, injected faults."""
 
 # Facts come from /work/shared/reference/mi300x.md (cited as §n). The object mirrors the real
 # `amdsmi` module (functions, enums, exceptions) so the same adapter code runs on either.
@@ -9,13 +9,16 @@ import contextlib
 import enum
 import hashlib
 import json
+import math
 import os
 import re
+import secrets
+import signal
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Final
 
@@ -119,6 +122,12 @@ _STATUS_INFO: Final[dict[int, str]] = {
     AMDSMI_STATUS_UNKNOWN_ERROR: "AMDSMI_STATUS_UNKNOWN_ERROR - An unknown error occurred",
 }
 _UNKNOWN_INFO: Final = "AMDSMI_STATUS_UNKNOWN_ERROR - An unknown error occurred"
+# Failure statuses by the name AmdSmiGpuBackend reports them under (HardwareError.status).
+_STATUS_BY_NAME: Final[dict[str, int]] = {
+    name.removeprefix("AMDSMI_STATUS_"): value
+    for name, value in list(globals().items())
+    if name.startswith("AMDSMI_STATUS_") and value != AMDSMI_STATUS_SUCCESS
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,6 +219,25 @@ class AmdSmiBdfFormatException(AmdSmiException):
 
 class EmulatorStateError(Exception):
     """The emulator's state file cannot be used (corrupt, foreign, or from another version)."""
+
+
+class EmulatorFaultsError(AmdSmiLibraryException):
+    """The faults file cannot be used; raised by the call that read it, as AMDSMI_STATUS_FILE_ERROR.
+
+    A library exception, not an EmulatorStateError: the faults file is read on every call, long
+    after start-up, so the error must surface through the adapter like any failed call, as a
+    HardwareError on the operation that tripped over it. FILE_ERROR is what the real library
+    reports for a sysfs file it cannot read, the nearest real analogue. ``detail`` names the file
+    and the problem; the adapter appends it, since the status text alone would not say which file.
+    """
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(AMDSMI_STATUS_FILE_ERROR)
+        self.path = path
+        self.detail = f"emulator faults file {path} {reason}; fix it or delete it (no file means no faults)"
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n\t{self.detail}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,6 +415,16 @@ class _Holder:
 
 
 @dataclass
+class _FaultUse:
+    """How much of one version of the faults file is used up (its one-shot faults)."""
+
+    digest: str
+    """Digest of the faults file's bytes: a new write is a new version, armed afresh."""
+    failed_reloads: int = 0
+    killed: bool = False
+
+
+@dataclass
 class _HostState:
     """Everything about the hardware that survives a daemon restart."""
 
@@ -394,6 +432,8 @@ class _HostState:
     memory: MemoryPartition
     staged_memory: MemoryPartition | None
     holders: list[_Holder]
+    # Persisted with the hardware so a daemon killed after a one-shot fault does not meet it again.
+    fault_use: _FaultUse | None = None
 
 
 @dataclass(frozen=True)
@@ -464,6 +504,245 @@ def _stable_hash(*parts: object, bits: int = 64) -> int:
     return int.from_bytes(digest, "big") & ((1 << bits) - 1)
 
 
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` crash-safely: temp file in the same dir, fsync, rename, fsync the dir."""
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        # Never leave a partial temp file behind; the old file is still intact.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    # The rename is durable only once the directory entry is on disk.
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# --------------------------------------------------------------------------------------------
+# Fault injection from another process: the faults file
+# --------------------------------------------------------------------------------------------
+
+FAULTS_FILE: Final = "emulator-faults.json"
+"""Name of the faults file, next to the emulator's state file (the daemon's state dir)."""
+
+KILL_POINTS: Final = ("set_compute", "set_memory", "reload")
+"""Operations ``EmulatorFaults.kill_after`` can name."""
+
+_FAULT_KEYS: Final = frozenset(
+    {
+        "revision",
+        "unprivileged",
+        "fail_reload",
+        "fail_reload_count",
+        "reload_seconds",
+        "ignore_compute_set",
+        "holders",
+        "busy_gpus",
+        "kill_after",
+    }
+)
+_HOLDER_KEYS: Final = frozenset({"pid", "gpu", "partition", "name", "vram_bytes", "start_time"})
+
+
+def _check_int(value: object, where: str, low: int, high: int | None = None) -> None:
+    # bool is an int to Python but never a meaningful count or index in this file.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{where} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise ValueError(f"{where} must be {bounds}, got {value}")
+
+
+def _check_gpus(values: tuple[int, ...], where: str) -> None:
+    for i, gpu in enumerate(values):
+        _check_int(gpu, f"{where}[{i}]", 0, MAX_GPUS - 1)
+
+
+@dataclass(frozen=True)
+class FaultHolder:
+    """A process the faults file says holds logical device (gpu, partition), like register_holder.
+
+    It counts only while ``pid`` is alive (not a zombie) and, when ``start_time`` is known, still
+    the same process; write_faults records the start time so a recycled pid never counts.
+    """
+
+    pid: int
+    gpu: int
+    partition: int = 0
+    name: str = "python3"
+    vram_bytes: int = 0
+    start_time: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_int(self.pid, "pid", 1)
+        _check_int(self.gpu, "gpu", 0, MAX_GPUS - 1)
+        # Any id a GPU can have in some mode: the holder may outlive the mode it was written for.
+        _check_int(self.partition, "partition", 0, XCDS_PER_GPU - 1)
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        _check_int(self.vram_bytes, "vram_bytes", 0)
+        if self.start_time is not None:
+            _check_int(self.start_time, "start_time", 0)
+
+
+@dataclass(frozen=True)
+class EmulatorFaults:
+    """Hardware faults a test injects into a running emulator through FAULTS_FILE; defaults are none.
+
+    The emulator re-reads the file on every call that changes partitions, on every reload, and on
+    every query that reports holders (process lists, VRAM usage), so a change takes effect on the
+    next such call without restarting the daemon. See docs/emulator.md.
+
+    - ``unprivileged``: every set call, the driver reload and the (root-only) profile config fail
+      with NO_PERM (10), and process names read "N/A", as for a caller that is not root (§3.3 1.).
+    - ``fail_reload`` / ``fail_reload_count``: the next ``fail_reload_count`` driver reloads
+      after this version of the file was written fail with that status name (e.g.
+      "AMDGPU_RESTART_ERR", §3.5), after taking their usual time; later ones succeed. A failed
+      reload leaves the staged memory partition staged and every GPU in its old mode, with handles
+      still valid. Real hardware fails that way when ``modprobe -r`` refuses (module in use);
+      had the unload succeeded and the load failed, the GPUs would vanish until a later load.
+      The emulator models the first case only. Reloads already failed are recorded in the
+      emulator's state file, so a daemon restart does not re-arm them.
+    - ``reload_seconds``: how long a driver reload takes, instead of the emulator's own setting
+      (§3.4: 40 to 140 s on real hardware). The emulator holds its lock meanwhile, as now.
+    - ``ignore_compute_set``: GPUs whose firmware acknowledges a compute partition write and
+      keeps its mode. The set returns success after the usual checks; only reading the mode
+      back shows the mismatch.
+    - ``holders``: processes holding devices, in addition to those registered with
+      register_holder. They appear in every process list of that host (§6.1), count towards
+      VRAM used, make a compute set on their GPU BUSY (30) (§3.3 3.) and any reload
+      AMDGPU_RESTART_ERR (54) (§3.3 4.).
+    - ``busy_gpus``: a compute set on these GPUs fails BUSY whatever the holders: the device is
+      held by something amdsmi does not list. Setting the mode a GPU already has still succeeds,
+      as the kernel returns before its busy check. Reloads are not affected.
+    - ``kill_after``: one of KILL_POINTS. The next successful call of that kind, after this
+      version of the file was written, makes its change durable and then SIGKILLs the calling
+      process, the window between a hardware change and the caller recording it. Once per
+      version of the file, remembered across restarts like ``fail_reload``.
+    """
+
+    unprivileged: bool = False
+    fail_reload: str | None = None
+    fail_reload_count: int = 1
+    reload_seconds: float | None = None
+    ignore_compute_set: tuple[int, ...] = ()
+    holders: tuple[FaultHolder, ...] = ()
+    busy_gpus: tuple[int, ...] = ()
+    kill_after: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.unprivileged, bool):
+            raise ValueError(f"unprivileged must be true or false, got {self.unprivileged!r}")
+        if self.fail_reload is not None:
+            if not isinstance(self.fail_reload, str):
+                raise ValueError(f"fail_reload must be a status name or null, got {self.fail_reload!r}")
+            name = self.fail_reload.upper().removeprefix("AMDSMI_STATUS_")
+            if name not in _STATUS_BY_NAME:
+                raise ValueError(
+                    f"fail_reload {self.fail_reload!r} is not an amdsmi failure status name (e.g. AMDGPU_RESTART_ERR)"
+                )
+            object.__setattr__(self, "fail_reload", name)
+        _check_int(self.fail_reload_count, "fail_reload_count", 1)
+        if self.reload_seconds is not None:
+            seconds = self.reload_seconds
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not math.isfinite(seconds):
+                raise ValueError(f"reload_seconds must be a number of seconds or null, got {seconds!r}")
+            if seconds < 0:
+                raise ValueError(f"reload_seconds must be >= 0, got {seconds!r}")
+            object.__setattr__(self, "reload_seconds", float(seconds))
+        # Callers may pass lists; keep the value immutable like the dataclass.
+        object.__setattr__(self, "ignore_compute_set", tuple(self.ignore_compute_set))
+        object.__setattr__(self, "busy_gpus", tuple(self.busy_gpus))
+        object.__setattr__(self, "holders", tuple(self.holders))
+        _check_gpus(self.ignore_compute_set, "ignore_compute_set")
+        _check_gpus(self.busy_gpus, "busy_gpus")
+        for i, holder in enumerate(self.holders):
+            if not isinstance(holder, FaultHolder):
+                raise ValueError(f"holders[{i}] must be a FaultHolder, got {holder!r}")
+        if self.kill_after is not None and self.kill_after not in KILL_POINTS:
+            raise ValueError(f"kill_after must be one of {', '.join(KILL_POINTS)} or null, got {self.kill_after!r}")
+
+    @property
+    def fail_reload_status(self) -> int | None:
+        """The status code ``fail_reload`` names, or None."""
+        return None if self.fail_reload is None else _STATUS_BY_NAME[self.fail_reload]
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["ignore_compute_set"] = list(self.ignore_compute_set)
+        doc["busy_gpus"] = list(self.busy_gpus)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: object) -> EmulatorFaults:
+        """Parse the faults file's JSON object; ValueError says which key is wrong."""
+        if not isinstance(doc, dict):
+            raise ValueError("does not hold a JSON object")
+        unknown = sorted(set(doc) - _FAULT_KEYS)
+        if unknown:
+            raise ValueError(f"has unknown keys {unknown}; known keys are {sorted(_FAULT_KEYS)}")
+        values = {k: v for k, v in doc.items() if k != "revision"}
+        for key in ("ignore_compute_set", "busy_gpus", "holders"):
+            if key in values:
+                if not isinstance(values[key], list):
+                    raise ValueError(f"{key} must be a list, got {values[key]!r}")
+                values[key] = tuple(values[key])
+        holders: list[FaultHolder] = []
+        for i, item in enumerate(values.get("holders", ())):
+            if not isinstance(item, dict):
+                raise ValueError(f"holders[{i}] must be an object, got {item!r}")
+            if missing := {"pid", "gpu"} - set(item):
+                raise ValueError(f"holders[{i}] lacks {sorted(missing)}")
+            if extra := sorted(set(item) - _HOLDER_KEYS):
+                raise ValueError(f"holders[{i}] has unknown keys {extra}")
+            try:
+                holders.append(FaultHolder(**item))
+            except ValueError as exc:
+                raise ValueError(f"holders[{i}].{exc}") from None
+        values["holders"] = tuple(holders)
+        return cls(**values)
+
+
+NO_FAULTS: Final = EmulatorFaults()
+
+
+def faults_path(state_dir: Path) -> Path:
+    """Where the emulator whose state file is in ``state_dir`` looks for its faults."""
+    return state_dir / FAULTS_FILE
+
+
+def write_faults(state_dir: Path, faults: EmulatorFaults) -> Path:
+    """Atomically replace the faults of the emulator whose state file is in ``state_dir``.
+
+    Every write is a new version of the file: its one-shot faults (``fail_reload``,
+    ``kill_after``) are armed afresh even when the faults are the same as before. Holders
+    without a start time get the pid's current one. Returns the file's path.
+    """
+    holders = []
+    for holder in faults.holders:
+        stat = _read_proc_stat(holder.pid) if holder.start_time is None and _HAVE_PROC else None
+        holders.append(holder if stat is None else replace(holder, start_time=stat[1]))
+    doc = {"revision": secrets.token_hex(8), **replace(faults, holders=tuple(holders)).to_json()}
+    path = faults_path(state_dir)
+    _write_atomically(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    return path
+
+
+def clear_faults(state_dir: Path) -> None:
+    """Remove the faults file: the emulator behaves as a healthy host from its next call."""
+    faults_path(state_dir).unlink(missing_ok=True)
+
+
 # --------------------------------------------------------------------------------------------
 # The emulator
 # --------------------------------------------------------------------------------------------
@@ -505,7 +784,9 @@ class EmulatedAmdSmi:
         """Open (or create) the emulated host.
 
         ``strict_busy`` models older kernels where any KFD process anywhere blocks a compute
-        switch (§3.3 3.); by default only processes holding a device of that GPU do.
+        switch (§3.3 3.); by default only processes holding a device of that GPU do. With a
+        ``state_path``, the emulator also obeys the faults file FAULTS_FILE next to it (see
+        EmulatorFaults); an in-memory emulator has none.
         """
         if isinstance(gpu_count, bool) or not isinstance(gpu_count, int) or not 1 <= gpu_count <= MAX_GPUS:
             raise ValueError(f"gpu_count must be an integer from 1 to {MAX_GPUS}, got {gpu_count!r}")
@@ -521,6 +802,7 @@ class EmulatedAmdSmi:
             raise ValueError("partition_caps must name at least one memory partition mode")
 
         self._state_path = state_path
+        self._faults_path = None if state_path is None else faults_path(state_path.parent)
         self._gpu_count = gpu_count
         self._rocm_version = _parse_rocm_version(rocm_version)
         self._privileged = privileged
@@ -608,13 +890,22 @@ class EmulatedAmdSmi:
             if not 0 <= holder.partition < compute[holder.gpu].partition_count:
                 raise ValueError(f"holder pid {holder.pid} on partition {holder.partition}, which does not exist")
             holders.append(holder)
-        return _HostState(compute=compute, memory=memory, staged_memory=staged, holders=holders)
+        # Absent from files written before fault injection existed.
+        use = doc.get("fault_use")
+        fault_use = (
+            None
+            if use is None
+            else _FaultUse(
+                digest=str(use["digest"]), failed_reloads=int(use["failed_reloads"]), killed=bool(use["killed"])
+            )
+        )
+        return _HostState(compute=compute, memory=memory, staged_memory=staged, holders=holders, fault_use=fault_use)
 
     def _save(self) -> None:
-        """Write the state crash-safely: temp file in the same dir, fsync, rename, fsync the dir."""
         path = self._state_path
         if path is None:
             return
+        use = self._state.fault_use
         doc = {
             "version": STATE_VERSION,
             "gpu_count": self._gpu_count,
@@ -632,28 +923,9 @@ class EmulatedAmdSmi:
                 }
                 for h in self._state.holders
             ],
+            "fault_use": None if use is None else asdict(use),
         }
-        data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("utf-8")
-        directory = path.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as tmp:
-                tmp.write(data)
-                tmp.flush()
-                os.fsync(tmp.fileno())
-            os.replace(tmp_name, path)
-        except BaseException:
-            # Never leave a partial temp file behind; the old state file is still intact.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
-            raise
-        # The rename is durable only once the directory entry is on disk.
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _write_atomically(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
     # ---------------------------------------------------------------- fault injection, tests
 
@@ -696,13 +968,63 @@ class EmulatedAmdSmi:
         with self._lock:
             self._fail_next_reload = status
 
-    def _live_holders(self) -> list[_Holder]:
+    def _live_holders(self, faults: EmulatorFaults) -> list[_Holder]:
         # Pruning here means a killed child stops blocking the next switch, as KFD would (§3.3).
         live = [h for h in self._state.holders if _pid_alive(h.pid, h.start_time)]
         if len(live) != len(self._state.holders):
             self._state.holders = live
             self._save()
-        return list(live)
+        # Injected holders are never pruned: the faults file belongs to whoever wrote it.
+        injected = [
+            _Holder(h.pid, h.gpu, h.partition, h.name, h.vram_bytes, h.start_time)
+            for h in faults.holders
+            if _pid_alive(h.pid, h.start_time)
+        ]
+        return live + injected
+
+    def _read_faults(self) -> tuple[EmulatorFaults, str]:
+        """The faults in force now and the digest of the file they came from ("" for none)."""
+        path = self._faults_path
+        if path is None:
+            return NO_FAULTS, ""
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return NO_FAULTS, ""
+        except OSError as exc:
+            raise EmulatorFaultsError(path, f"cannot be read ({exc.strerror or exc})") from exc
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise EmulatorFaultsError(path, f"is not valid JSON ({exc})") from exc
+        try:
+            faults = EmulatorFaults.from_json(doc)
+        except (TypeError, ValueError) as exc:
+            raise EmulatorFaultsError(path, f"is malformed: {exc}") from exc
+        named = [("busy_gpus", g) for g in faults.busy_gpus]
+        named += [("ignore_compute_set", g) for g in faults.ignore_compute_set]
+        named += [(f"holders[{i}].gpu", h.gpu) for i, h in enumerate(faults.holders)]
+        for where, gpu in named:
+            if gpu >= self._gpu_count:
+                raise EmulatorFaultsError(path, f"names gpu {gpu} in {where}, but the host has {self._gpu_count} GPUs")
+        return faults, hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+    def _fault_use(self, digest: str) -> _FaultUse:
+        use = self._state.fault_use
+        if use is None or use.digest != digest:
+            use = self._state.fault_use = _FaultUse(digest)
+        return use
+
+    def _kill_if_armed(self, operation: str, faults: EmulatorFaults, digest: str) -> None:
+        if faults.kill_after != operation:
+            return
+        use = self._fault_use(digest)
+        if use.killed:
+            return
+        use.killed = True
+        self._save()
+        # SIGKILL rather than an exception: the caller must get no chance to record the change.
+        os.kill(os.getpid(), signal.SIGKILL)
 
     # ---------------------------------------------------------------- identity helpers
 
@@ -762,9 +1084,12 @@ class EmulatedAmdSmi:
             raise AmdSmiLibraryException(AMDSMI_STATUS_NOT_FOUND)
         return handle._gpu
 
-    def _require_root(self) -> None:
+    def _is_root(self, faults: EmulatorFaults) -> bool:
+        return self._privileged and not faults.unprivileged
+
+    def _require_root(self, faults: EmulatorFaults) -> None:
         # §3.3 1.: rsmi's set functions start with REQUIRE_ROOT_ACCESS.
-        if not self._privileged:
+        if not self._is_root(faults):
             raise AmdSmiLibraryException(AMDSMI_STATUS_NO_PERM)
 
     @staticmethod
@@ -934,8 +1259,9 @@ class EmulatedAmdSmi:
         return _VRAM_TOTAL_MIB // self._state.compute[gpu].partition_count
 
     def _vram_used_bytes(self, gpu: int, part: int) -> int:
+        faults, _ = self._read_faults()
         idle = _PRIMARY_IDLE_USED_MIB if part == 0 else _SECONDARY_IDLE_USED_MIB
-        held = sum(h.vram_bytes for h in self._live_holders() if (h.gpu, h.partition) == (gpu, part))
+        held = sum(h.vram_bytes for h in self._live_holders(faults) if (h.gpu, h.partition) == (gpu, part))
         return idle * MIB + held
 
     def amdsmi_get_gpu_vram_usage(self, processor_handle: EmulatedProcessorHandle) -> dict[str, Any]:
@@ -975,8 +1301,9 @@ class EmulatedAmdSmi:
     def amdsmi_get_gpu_process_list(self, processor_handle: EmulatedProcessorHandle) -> list[dict[str, Any]]:
         with self._lock:
             gpu, part = self._resolve(processor_handle)
+            faults, _ = self._read_faults()
             by_pid: dict[int, list[_Holder]] = {}
-            for holder in self._live_holders():
+            for holder in self._live_holders(faults):
                 by_pid.setdefault(holder.pid, []).append(holder)
             if len(by_pid) > _MAX_NUM_PROCESSES:
                 raise AmdSmiLibraryException(AMDSMI_STATUS_OUT_OF_RESOURCES)
@@ -989,7 +1316,7 @@ class EmulatedAmdSmi:
                 result.append(
                     {
                         # §4.3: other users' process names read "N/A" for a non-root caller.
-                        "name": held[0].name if self._privileged else "N/A",
+                        "name": held[0].name if self._is_root(faults) else "N/A",
                         "pid": pid,
                         "mem": vram,
                         "engine_usage": {"gfx": 0, "enc": 0},
@@ -1079,7 +1406,7 @@ class EmulatedAmdSmi:
     ) -> dict[str, Any]:
         with self._lock:
             _, part = self._resolve(processor_handle)
-            self._require_root()  # §3.3 1.: the profile config needs root
+            self._require_root(self._read_faults()[0])  # §3.3 1.: the profile config needs root
             self._require_primary(part)
             profiles: list[dict[str, Any]] = []
             resources: list[dict[str, Any]] = []
@@ -1114,7 +1441,7 @@ class EmulatedAmdSmi:
 
     # ---------------------------------------------------------------- partition control
 
-    def _switch_compute(self, gpu: int, requested: _ComputeType) -> None:
+    def _switch_compute(self, gpu: int, requested: _ComputeType, faults: EmulatorFaults) -> None:
         if requested is AmdSmiComputePartitionType.INVALID:
             raise AmdSmiLibraryException(AMDSMI_STATUS_INVAL)
         if requested.name not in ComputePartition.__members__:
@@ -1126,10 +1453,12 @@ class EmulatedAmdSmi:
             raise AmdSmiLibraryException(AMDSMI_STATUS_SETTING_UNAVAILABLE)
         if self._state.compute[gpu] == mode:
             return  # writing the current mode is a no-op for the driver
-        holders = self._live_holders()
-        if any(self._strict_busy or h.gpu == gpu for h in holders):
+        holders = self._live_holders(faults)
+        if gpu in faults.busy_gpus or any(self._strict_busy or h.gpu == gpu for h in holders):
             # §3.3 3.: the kernel cannot lock KFD while a process has the device open.
             raise AmdSmiLibraryException(AMDSMI_STATUS_BUSY)
+        if gpu in faults.ignore_compute_set:
+            return  # acknowledged and ignored: nothing re-enumerates, handles stay valid
         self._state.compute[gpu] = mode
         self._hardware_changed()
 
@@ -1142,9 +1471,11 @@ class EmulatedAmdSmi:
             raise AmdSmiParameterException(compute_partition, AmdSmiComputePartitionType)
         with self._lock:
             gpu, part = self._resolve(processor_handle)
-            self._require_root()
+            faults, digest = self._read_faults()
+            self._require_root(faults)
             self._require_primary(part)
-            self._switch_compute(gpu, compute_partition)
+            self._switch_compute(gpu, compute_partition, faults)
+            self._kill_if_armed("set_compute", faults, digest)
 
     def amdsmi_set_gpu_accelerator_partition_profile(
         self, processor_handle: EmulatedProcessorHandle, profile_index: int
@@ -1155,12 +1486,14 @@ class EmulatedAmdSmi:
             raise AmdSmiParameterException(profile_index, int)
         with self._lock:
             gpu, part = self._resolve(processor_handle)
-            self._require_root()
+            faults, digest = self._read_faults()
+            self._require_root(faults)
             self._require_primary(part)
             by_index = {index: mode for mode, index in _PROFILE_INDEX.items()}
             if profile_index not in by_index:
                 raise AmdSmiLibraryException(AMDSMI_STATUS_INVAL)
-            self._switch_compute(gpu, AmdSmiComputePartitionType[by_index[profile_index].name])
+            self._switch_compute(gpu, AmdSmiComputePartitionType[by_index[profile_index].name], faults)
+            self._kill_if_armed("set_compute", faults, digest)
 
     def amdsmi_set_gpu_memory_partition(
         self, processor_handle: EmulatedProcessorHandle, memory_partition: _MemoryPartitionType
@@ -1171,7 +1504,8 @@ class EmulatedAmdSmi:
             raise AmdSmiParameterException(memory_partition, AmdSmiMemoryPartitionType)
         with self._lock:
             _, part = self._resolve(processor_handle)
-            self._require_root()
+            faults, digest = self._read_faults()
+            self._require_root(faults)
             self._require_primary(part)
             name = memory_partition.name
             if name not in MemoryPartition.__members__ or MemoryPartition(name) not in self._caps:
@@ -1183,6 +1517,7 @@ class EmulatedAmdSmi:
             # cancels a pending change.
             self._state.staged_memory = None if mode == self._state.memory else mode
             self._save()
+            self._kill_if_armed("set_memory", faults, digest)
 
     def amdsmi_set_gpu_memory_partition_mode(
         self, processor_handle: EmulatedProcessorHandle, memory_partition: _MemoryPartitionType
@@ -1193,17 +1528,28 @@ class EmulatedAmdSmi:
     def amdsmi_gpu_driver_reload(self) -> None:
         with self._lock:
             self._require_init()
-            self._require_root()
-            if self._live_holders():
+            faults, digest = self._read_faults()
+            self._require_root(faults)
+            if self._live_holders(faults):
                 # §3.3 4.: `modprobe -r amdgpu` fails while any GPU user remains.
                 raise AmdSmiLibraryException(AMDSMI_STATUS_AMDGPU_RESTART_ERR)
             # §3.4: 40-140 s on real hardware. The lock stays held: while the driver is out,
-            # nothing can observe the host.
-            if self._reload_seconds > 0:
-                self._clock(self._reload_seconds)
+            # nothing can observe the host. A caller killed meanwhile never completes the
+            # reload: the host stays as it was.
+            seconds = self._reload_seconds if faults.reload_seconds is None else faults.reload_seconds
+            if seconds > 0:
+                self._clock(seconds)
             if self._fail_next_reload is not None:
                 status, self._fail_next_reload = self._fail_next_reload, None
                 raise AmdSmiLibraryException(status)
+            injected = faults.fail_reload_status
+            if injected is not None:
+                use = self._fault_use(digest)
+                if use.failed_reloads < faults.fail_reload_count:
+                    use.failed_reloads += 1
+                    self._save()
+                    # As with modprobe -r refusing: staged memory stays staged, no GPU changed.
+                    raise AmdSmiLibraryException(injected)
             if self._state.staged_memory is not None:
                 self._state.memory = self._state.staged_memory
                 self._state.staged_memory = None
@@ -1212,3 +1558,4 @@ class EmulatedAmdSmi:
             auto = auto_compute_partition(self._state.memory)
             self._state.compute = [auto] * self._gpu_count
             self._hardware_changed()
+            self._kill_if_armed("reload", faults, digest)
