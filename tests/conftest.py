@@ -61,6 +61,8 @@ class Daemon:
             self.config_path.write_text(config)
         self.gpus = gpus
         self.extra = extra
+        self.env: dict[str, str] = {}
+        """Added to the daemon's environment at each start (e.g. GPUSHARED_FAILPOINTS)."""
         self.process: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
@@ -73,7 +75,8 @@ class Daemon:
 
     def start(self, *, wait: bool = True) -> Daemon:
         log = self.log_path.open("ab")
-        self.process = subprocess.Popen(self.argv(), stdout=log, stderr=log, cwd=REPO)
+        env = {**os.environ, **self.env} if self.env else None
+        self.process = subprocess.Popen(self.argv(), stdout=log, stderr=log, cwd=REPO, env=env)
         log.close()
         if wait:
             self.wait_serving()

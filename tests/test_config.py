@@ -11,7 +11,8 @@ import pytest
 from gpushared.config import DaemonConfig, load_config, reload_changes
 from gpushared.domain.allocation import PlacementPolicy, Quota
 from gpushared.domain.errors import ConfigError
-from gpushared.domain.gpu import GIB
+from gpushared.domain.gpu import GIB, ComputePartition, MemoryPartition
+from gpushared.domain.partitioning import GpuLayout
 
 FULL = """
 [daemon]
@@ -91,6 +92,24 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
         ("[models]\ngrace_seconds = 0\n", "models.grace_seconds must be more than 0"),
         ("[models]\ncompletion_probe_interval_seconds = -1\n", "must be 0 \\(off\\) or more"),
         ("[models]\ncompletion_probe_timeout_seconds = 0\n", "completion_probe_timeout_seconds must be more than 0"),
+        ("[partitions]\nlayout = [{gpus = 'all', compute = 'SPX', memory = 'NPS4'}]\n", "SPX needs memory partition"),
+        ("[partitions]\nlayout = [{gpus = 'all', compute = 'CPX'}]\n", r"partitions.layout\[0\].memory is missing"),
+        ("[partitions]\nlayout = [{gpus = '0-9', compute = 'CPX', memory = 'NPS1'}]\n", "gpu 8: no such GPU"),
+        ("[partitions]\nlayout = [{gpus = 'all', compute = 'TPX', memory = 'NPS1'}]\n", "'TPX' is not one of"),
+        ("[partitions]\nlayout = [{gpus = '0', compute = 'CPX', memory = 'NPS1', extra = 1}]\n", "unknown key"),
+        ("[partitions]\nlayout = ['0-3']\n", "must be a table"),
+        (
+            "[partitions]\nlayout = [{gpus = '0-3', compute = 'CPX', memory = 'NPS4'},"
+            " {gpus = '3-7', compute = 'SPX', memory = 'NPS1'}]\n",
+            "GPU 3 is already in an earlier entry",
+        ),
+        (
+            "[partitions]\nlayout = [{gpus = '0-3', compute = 'CPX', memory = 'NPS4'},"
+            " {gpus = '4-7', compute = 'SPX', memory = 'NPS1'}]\n",
+            "mixes memory partitions NPS1, NPS4",
+        ),
+        ("[partitions]\nholder_services = ['']\n", "must be a list of non-empty strings"),
+        ("[partitions]\nreload_timeout_seconds = 0\n", "reload_timeout_seconds must be more than 0"),
     ],
 )
 def test_errors_name_the_key_and_file(tmp_path: Path, text: str, message: str) -> None:
@@ -106,6 +125,32 @@ def test_completion_probe_is_off_unless_configured(tmp_path: Path) -> None:
         write(tmp_path, "[models]\ncompletion_probe_interval_seconds = 60\ncompletion_probe_timeout_seconds = 20\n")
     )
     assert (config.serving.completion_probe_interval, config.serving.completion_probe_timeout) == (60.0, 20.0)
+
+
+def test_partitions_section(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            """
+[partitions]
+layout = [{gpus = "0-3", compute = "cpx", memory = "NPS4"}, {gpus = "4-7", compute = "QPX", memory = "NPS4"}]
+holder_services = ["amd-metrics-exporter.service"]
+reload_command = ["/bin/sh", "-c", "modprobe -r amdgpu && modprobe amdgpu"]
+reload_timeout_seconds = 200
+systemctl = "/bin/systemctl"
+""",
+        )
+    ).partitions
+    assert config.layout[0] == GpuLayout(ComputePartition.CPX, MemoryPartition.NPS4)
+    assert config.layout[7] == GpuLayout(ComputePartition.QPX, MemoryPartition.NPS4)
+    assert config.layout_warnings == (
+        "QPX/NPS4 is allowed by the kernel but not validated by AMD on MI300X "
+        "(validated: SPX/NPS1, CPX/NPS1, CPX/NPS4)",
+    )
+    assert config.holder_services == ("amd-metrics-exporter.service",)
+    assert config.reload_command[0] == "/bin/sh" and config.reload_timeout_seconds == 200.0
+    assert config.systemctl == "/bin/systemctl"
+    assert load_config(write(tmp_path, "")).partitions.layout == {}
 
 
 def test_missing_explicit_file(tmp_path: Path) -> None:

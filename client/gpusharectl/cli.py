@@ -228,15 +228,12 @@ def _partition(args: argparse.Namespace, client: Client, out: Callable[[str], No
     if args.wait:
         operation = _wait_operation(client, operation, args.wait_timeout, None if args.json else out)
     out(render.to_json(operation) if args.json else render.operation(operation))
-    return _operation_exit(operation, args.wait)
+    return _operation_exit(operation) if args.wait else EXIT_OK
 
 
-def _operation_exit(operation: pb.Operation, waited: bool) -> int:
-    if operation.state == pb.OPERATION_STATE_SUCCEEDED or (
-        not waited and operation.state == pb.OPERATION_STATE_RUNNING
-    ):
-        return EXIT_OK
-    return EXIT_REFUSED
+def _operation_exit(operation: pb.Operation) -> int:
+    """After waiting: 0 only when the layout was changed; a rolled-back or degraded operation is a refusal."""
+    return EXIT_OK if operation.state == pb.OPERATION_STATE_SUCCEEDED else EXIT_REFUSED
 
 
 def _wait_operation(
@@ -267,7 +264,7 @@ def _operation(args: argparse.Namespace, client: Client, out: Callable[[str], No
     if args.operation_command == "wait":
         operation = _wait_operation(client, operation, args.wait_timeout, None if args.json else out)
     out(render.to_json(operation) if args.json else render.operation(operation))
-    return _operation_exit(operation, args.operation_command == "wait")
+    return _operation_exit(operation) if args.operation_command == "wait" else EXIT_OK
 
 
 def _run(args: argparse.Namespace, client: Client) -> int:

@@ -158,7 +158,11 @@ def open_backend(config: DaemonConfig) -> GpuBackend:
         except EmulatorStateError as exc:
             raise GpushareError(str(exc)) from exc
         return AmdSmiGpuBackend(lib, name="emulated")
-    return AmdSmiGpuBackend(load_amdsmi())
+    return AmdSmiGpuBackend(
+        load_amdsmi(),
+        reload_command=config.partitions.reload_command or None,
+        reload_timeout=config.partitions.reload_timeout_seconds,
+    )
 
 
 def allocation_policy(config: DaemonConfig, users: UserDatabase) -> AllocationPolicy:

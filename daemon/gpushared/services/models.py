@@ -455,6 +455,9 @@ class ModelService:
                 record.name,
                 extra={"event": "restart_after_daemon_down", "model": record.name},
             )
+            # A child the previous daemon launched but died before recording cannot be verified, so it cannot be
+            # adopted; it would hold the port and the memory next to the new one.
+            await self._empty_leaf(record.name)
             self._start_in_background(entry.supervisor)
 
     # -- partition operations ----------------------------------------------------------------------
@@ -473,6 +476,7 @@ class ModelService:
         if entry.supervisor is not None:
             await entry.supervisor.stop()
             entry.supervisor = None
+        await self._empty_leaf(name)
         allocation = self._allocations.view.ledger.allocations.get(entry.record.allocation_id)
         if allocation is not None:
             await self._allocations.release(SYSTEM, allocation.id)
@@ -485,6 +489,22 @@ class ModelService:
             operation_id,
             extra={"event": "drain", "model": name, "operation": operation_id},
         )
+
+    async def _empty_leaf(self, name: str) -> None:
+        """Kill whatever still runs in the model's leaf and remove it: processes no supervisor holds, left by a
+        daemon that crashed between "drained" and the stop, or between a launch and recording its pid."""
+        tree = self._tree
+        if tree is None or name not in tree.leaves():
+            return
+        if tree.populated(name):
+            log.warning("model %s: killing processes %s left in its leaf", name, tree.pids(name), extra={"model": name})
+            tree.kill(name)
+            if not await asyncio.to_thread(tree.wait_empty, name, 10.0):
+                raise FailedPrecondition(
+                    f"model {name}: processes {tree.pids(name)} outlived cgroup.kill (stuck in the driver?)",
+                    hint="check dmesg; the operation rolls back",
+                )
+        tree.remove_leaf(name)
 
     async def undrain(self, name: str) -> str:
         """Place a drained model again (memory budget recomputed for the partitions it gets) and start it;

@@ -256,6 +256,7 @@ class PartitionService:
             operation = await self._journal(operation.moved(S.SUCCEEDED, self._clock(), "succeeded"))
             self._last_set.update(operation.after)
             log.info("partition operation %s succeeded", operation.id, extra={"event": "partition_done"})
+            self.observe_drift(self._allocations.view.inventory)
         except asyncio.CancelledError:
             # The daemon is stopping: the journal says where we are, and the next start resumes from there.
             raise
@@ -476,6 +477,7 @@ class PartitionService:
             final, text = S.FAILED, f"rolled back: the GPUs are in their previous layout; {restored}"
         operation = await self._journal(operation.moved(final, self._clock(), "; ".join([text, *notes])))
         log.error("partition operation %s %s", operation.id, text, extra={"event": "partition_" + str(final)})
+        self.observe_drift(self._allocations.view.inventory)
 
     # -- daemon lifecycle ------------------------------------------------------------------------
 
@@ -521,7 +523,7 @@ class PartitionService:
             except GpushareError as exc:
                 log.warning(
                     "configured partition layout not applied to GPU %s: %s",
-                    ", ".join(map(str, gpus)),
+                    gpu_ranges(gpus),
                     exc,
                     extra={"event": "layout_not_applied"},
                 )
