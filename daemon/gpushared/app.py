@@ -15,6 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import grpc
+from grpc_health.v1 import health_pb2
+
 from gpushared import __version__, stub_engine
 from gpushared.adapters.amdsmi_gpu import AmdSmiGpuBackend, load_amdsmi
 from gpushared.adapters.cgroupfs import CgroupError, CgroupFsTree, find_cgroup2_mount, own_cgroup_path
@@ -29,6 +32,7 @@ from gpushared.adapters.systemd_units import SystemctlUnits
 from gpushared.adapters.user_db import UserDatabase
 from gpushared.config import DEFAULT_CONFIG_PATH, DaemonConfig, load_config, reload_changes, with_overrides
 from gpushared.domain.errors import ConfigError, GpushareError
+from gpushared.domain.model_state import ModelState
 from gpushared.logs import configure_logging, set_level
 from gpushared.ports import GpuBackend
 from gpushared.services.allocations import AllocationPolicy, AllocationService
@@ -176,6 +180,25 @@ def allocation_policy(config: DaemonConfig, users: UserDatabase) -> AllocationPo
     return AllocationPolicy(config.default_policy, config.default_quota, quotas)
 
 
+def status_line(backend: str, service: AllocationService, models: ModelService, partitions: PartitionService) -> str:
+    """One line for systemctl status: what runs, what is held, what needs attention."""
+    view = service.view
+    all_models = models.all()
+    ready = sum(1 for m in all_models if m.state is ModelState.READY)
+    line = (
+        f"{ready}/{len(all_models)} models ready, {len(view.ledger.allocations)} allocations, "
+        f"{len(view.inventory.partitions())} partitions on {len(view.inventory.gpus)} GPUs ({backend})"
+    )
+    running = partitions.busy
+    if running is not None:
+        line += f"; operation {running.id}: {running.progress}"
+    if view.ledger.degraded_gpus:
+        line += f"; {len(view.ledger.degraded_gpus)} GPUs degraded"
+    if partitions.drift:
+        line += f"; layout drift on {len(partitions.drift)} GPUs"
+    return line
+
+
 def failpoints_from_env() -> Callable[[str], None] | None:
     """``GPUSHARED_FAILPOINTS=set_memory:started,verify:done``: SIGKILL the daemon right after journaling those
     partition steps. For crash-consistency tests (as in fail-rs or FoundationDB's simulation), never set in
@@ -228,6 +251,12 @@ class Daemon:
         self.users = UserDatabase()
         self._stop = asyncio.Event()
         self._admin_gid: int | None = None
+        self.notifier = SystemdNotifier()
+
+    def _stop_requested(self) -> None:
+        # STOPPING=1 first: systemd then knows the exit that follows is the one it asked for.
+        self.notifier.stopping()
+        self._stop.set()
 
     def _group(self, key: str, name: str) -> int | None:
         if not name:
@@ -255,7 +284,7 @@ class Daemon:
         # Handlers first, so a SIGTERM during a slow start still ends in an orderly stop.
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._stop.set)
+            loop.add_signal_handler(signum, self._stop_requested)
         # One daemon per state directory: two would split the allocation record and the emulator's hardware.
         lock = hold_lock(config.state_dir)
         try:
@@ -302,7 +331,7 @@ class Daemon:
             models,
             units=SystemctlUnits(config.partitions.systemctl),
             processes=ProcFs(),
-            notifier=SystemdNotifier(),
+            notifier=self.notifier,
             holder_services=config.partitions.holder_services,
             desired=config.partitions.layout,
             reload_timeout=config.partitions.reload_timeout_seconds,
@@ -334,9 +363,17 @@ class Daemon:
             extra={"event": "ready", "socket": str(config.socket), "backend": backend.name},
         )
         partitions.observe_drift(service.view.inventory)
+
+        def summary() -> str:
+            return status_line(backend.name, service, models, partitions)
+
+        # READY only now: the API answers, running models are re-adopted, an interrupted partition operation is
+        # finished; systemd starts units ordered after us from here on.
+        self.notifier.ready(summary())
         refresher = asyncio.create_task(self._refresh(backend, service, partitions))
         housekeeping = asyncio.create_task(models.housekeeping())
         desired = asyncio.create_task(partitions.apply_desired(SYSTEM))
+        watchdog = asyncio.create_task(self._watchdog(summary))
         try:
             await self._stop.wait()
         finally:
@@ -344,12 +381,51 @@ class Daemon:
             refresher.cancel()
             housekeeping.cancel()
             desired.cancel()
+            watchdog.cancel()
             await server.stop()
             await partitions.shutdown()
+            if serving.stop_models_on_exit:
+                self.notifier.extend_timeout(serving.grace_seconds + 30)
             await models.shutdown()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
         log.info("stopped", extra={"event": "stopped"})
+
+    async def _watchdog(self, summary: Callable[[], str]) -> None:
+        """WATCHDOG=1 at half systemd's interval, but only while the event loop keeps time and the API answers a
+        health check through the public socket (front door included): a wedged daemon gets restarted."""
+        interval = (self.notifier.watchdog_seconds or 10.0) / 2
+        channel = grpc.aio.insecure_channel(f"unix:{self.config.socket}")
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        try:
+            while True:
+                due = time.monotonic() + interval
+                await asyncio.sleep(interval)
+                late = time.monotonic() - due
+                problem = ""
+                if late > interval:
+                    problem = f"the event loop woke {late:.1f} s late"
+                else:
+                    try:
+                        answer = await check(health_pb2.HealthCheckRequest(), timeout=min(interval, 5.0))
+                        if answer.status != health_pb2.HealthCheckResponse.SERVING:
+                            problem = (
+                                f"the API reports {health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)}"
+                            )
+                    except grpc.RpcError as exc:
+                        problem = f"the API health check failed ({exc.code().name})"
+                if problem:
+                    log.warning("watchdog ping withheld: %s", problem, extra={"event": "watchdog_withheld"})
+                    continue
+                if self.notifier.watchdog_seconds is not None:
+                    self.notifier.watchdog()
+                self.notifier.status(summary())
+        finally:
+            await channel.close()
 
     async def _refresh(self, backend: GpuBackend, service: AllocationService, partitions: PartitionService) -> None:
         while True:

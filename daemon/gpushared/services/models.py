@@ -573,10 +573,12 @@ class ModelService:
         """Daemon exit: leave children running (re-adopted next start) unless configured to stop them."""
         for task in list(self._starting):
             task.cancel()
-        for entry in self._entries.values():
-            if entry.supervisor is None:
-                continue
-            if self._config.stop_models_on_exit:
-                await entry.supervisor.stop()
-            else:
-                await entry.supervisor.detach()
+        supervisors = [e.supervisor for e in self._entries.values() if e.supervisor is not None]
+        # All at once: one grace period for the host, not one per model.
+        if self._config.stop_models_on_exit:
+            results = await asyncio.gather(*(s.stop() for s in supervisors), return_exceptions=True)
+            for supervisor, result in zip(supervisors, results, strict=True):
+                if isinstance(result, BaseException):
+                    log.error("model %s: stop at exit failed: %s", supervisor.spec.name, result)
+        else:
+            await asyncio.gather(*(s.detach() for s in supervisors))
