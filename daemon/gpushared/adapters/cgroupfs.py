@@ -443,13 +443,22 @@ class CgroupFsTree:
         """root/<name>/cgroup.procs, for a launcher that joins the leaf before exec."""
         return self._leaf(name) / "cgroup.procs"
 
+    def join(self, name: str, pid: int) -> None:
+        """Move process ``pid`` into leaf ``name``."""
+        procs = self.procs_file(name)
+        try:
+            procs.write_text(str(pid))
+        except OSError as exc:
+            raise CgroupError(f"cgroup leaf {procs.parent}: cannot move pid {pid} into it ({exc.strerror})") from exc
+
 
 # The launcher runs as root with an empty environment, in "/" and isolated (-I: no PYTHON* variables, no user
 # site, no cwd on sys.path; -S: no site), so nothing the model owner controls reaches a root process. It:
 #   1. reads the real environment from an inherited memfd (env vars like LD_PRELOAD must never reach the root
 #      launcher, and Python's locale coercion would add LC_CTYPE to os.environ),
-#   2. writes its own pid to the leaf's cgroup.procs while still root (root owns that file, and a migration
-#      also needs write access at the common ancestor of supervisor/ and the leaf, which a user never has),
+#   2. waits until the daemon has moved it into the leaf (or, if that failed, writes its own pid to the leaf's
+#      cgroup.procs while still root: root owns that file, and a migration also needs write access at the common
+#      ancestor of supervisor/ and the leaf, which a user never has),
 #   3. drops privileges for good: setgroups, setresgid, setresuid (capabilities go with uid 0), and checks that
 #      uid 0 cannot be regained,
 #   4. chdirs as the user (the daemon cannot read a user's 0700 directories, and should not),
@@ -458,8 +467,8 @@ class CgroupFsTree:
 # the error pipe, which exec closes on success (it is close-on-exec), so the parent learns the outcome at once.
 _LAUNCHER = r"""
 import os, sys
-procs, env_fd, err_fd, uid, gid, groups, cwd = sys.argv[1:8]
-argv = sys.argv[8:]
+procs, env_fd, err_fd, sync_fd, uid, gid, groups, cwd = sys.argv[1:9]
+argv = sys.argv[9:]
 err_fd = int(err_fd)
 os.set_inheritable(err_fd, False)
 stage = "env"
@@ -474,11 +483,15 @@ try:
     os.close(fd)
     env = dict(item.split(b"=", 1) for item in b"".join(chunks).split(b"\0") if item)
     stage = "join"
-    fd = os.open(procs, os.O_WRONLY)
-    try:
-        os.write(fd, str(os.getpid()).encode())
-    finally:
-        os.close(fd)
+    fd = int(sync_fd)
+    moved = os.read(fd, 1)
+    os.close(fd)
+    if moved != b"1":
+        fd = os.open(procs, os.O_WRONLY)
+        try:
+            os.write(fd, str(os.getpid()).encode())
+        finally:
+            os.close(fd)
     stage = "privileges"
     if groups != "-":
         os.setgroups([int(g) for g in groups.split(",") if g])
@@ -558,6 +571,7 @@ def spawn_in_leaf(
         str(procs),
         "",  # env fd, filled in below
         "",  # error fd, filled in below
+        "",  # sync fd, filled in below
         "-" if user is None else str(user),
         "-" if group is None else str(group),
         "-" if extra_groups is None else ",".join(str(g) for g in extra_groups),
@@ -568,12 +582,13 @@ def spawn_in_leaf(
     # can block on a full pipe buffer.
     env_fd = os.memfd_create("gpushare-env", os.MFD_CLOEXEC)
     err_read, err_write = os.pipe2(os.O_CLOEXEC)
+    sync_read, sync_write = os.pipe2(os.O_CLOEXEC)
     try:
         written = 0
         while written < len(env_blob):
             written += os.write(env_fd, env_blob[written:])
         os.lseek(env_fd, 0, os.SEEK_SET)
-        launcher_argv[6], launcher_argv[7] = str(env_fd), str(err_write)
+        launcher_argv[6], launcher_argv[7], launcher_argv[8] = str(env_fd), str(err_write), str(sync_read)
         proc = subprocess.Popen(
             launcher_argv,
             env={},
@@ -581,15 +596,27 @@ def spawn_in_leaf(
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=stderr,
-            pass_fds=(env_fd, err_write),
+            pass_fds=(env_fd, err_write, sync_read),
             start_new_session=True,
         )
+        # Move the launcher into the leaf from here while its interpreter starts: the cgroup.procs write can take
+        # ~10 ms (the kernel waits out an RCU grace period), and done here it overlaps the ~10 ms start-up instead
+        # of following it. The launcher waits for the byte, so nothing it starts can land outside the leaf; on
+        # failure it tries the write itself and reports the error.
+        try:
+            tree.join(name, proc.pid)
+        except CgroupError:
+            os.write(sync_write, b"0")
+        else:
+            os.write(sync_write, b"1")
     except BaseException:
         os.close(err_read)
         raise
     finally:
         os.close(env_fd)
         os.close(err_write)
+        os.close(sync_read)
+        os.close(sync_write)
     with os.fdopen(err_read, "rb") as errors:
         report = errors.read()
     if not report:
