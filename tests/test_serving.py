@@ -314,3 +314,54 @@ def test_bad_api_keys_are_refused_and_start_nothing(serving: Daemon, tmp_short: 
         assert message in result.stderr
     assert json.loads(serving.ctl("--json", "models").stdout).get("models", []) == []
     assert json.loads(serving.ctl("--json", "list").stdout).get("allocations", []) == []
+
+
+OLD_VLLM = """#!/bin/sh
+# Stands in for an older vLLM: its serve --help=all lists no --disable-prefix-caching and no
+# --kv-cache-memory-bytes (the real 0.32 check is tests/test_vllm_argv_parser.py); otherwise it runs the stub.
+if [ "$1" = serve ] && [ "$2" = --help=all ]; then
+  echo "$0 $*" >> "$(dirname "$0")/probes.log"
+  cat <<'HELP'
+usage: vllm serve [model_tag] [options]
+  --host HOST  --port PORT  --served-model-name NAME [NAME ...]
+  --tensor-parallel-size, -tp TENSOR_PARALLEL_SIZE  --gpu-memory-utilization GPU_MEMORY_UTILIZATION
+  --dtype {auto,half,float16,bfloat16,float,float32}  --max-model-len MAX_MODEL_LEN
+  --max-num-seqs MAX_NUM_SEQS  --enable-prefix-caching, --no-enable-prefix-caching
+HELP
+  exit 0
+fi
+exec /usr/bin/env GPUSHARE_STUB_LOAD_SECONDS=0.2 "@PYTHON@" -I "@STUB@" "$@"
+"""
+
+
+def test_options_the_installed_vllm_does_not_know_are_refused_before_anything_starts(tmp_short: Path) -> None:
+    tools = tmp_short / "tools"
+    tools.mkdir()
+    tools.chmod(0o755)
+    launcher = tools / "vllm"
+    stub = _world_readable_source() / "gpushared" / "stub_engine.py"
+    launcher.write_text(OLD_VLLM.replace("@PYTHON@", sys.executable).replace("@STUB@", str(stub)))
+    launcher.chmod(0o755)
+    config = f"""
+vllm_launcher = ["{launcher}"]
+option_allowlist = ["enable-prefix-caching"]
+"""
+    with daemon_with_models(tmp_short, config) as d:
+        refused = d.ctl("serve", "org/m", "--name", "m", "--memory", "2GiB", "--option", "disable-prefix-caching")
+        assert refused.returncode == 1
+        assert f"option --disable-prefix-caching: the installed vLLM ({launcher}) does not know it" in refused.stderr
+        kv = d.ctl("serve", "org/m", "--name", "m", "--memory", "2GiB", "--kv-cache-bytes", "1GiB")
+        assert kv.returncode == 1 and "option --kv-cache-memory-bytes" in kv.stderr
+        assert json.loads(d.ctl("--json", "list").stdout).get("allocations", []) == [], "nothing allocated"
+        result = d.ctl(
+            "serve", "org/m", "--name", "m", "--memory", "2GiB", "--option", "no-enable-prefix-caching", "--wait"
+        )
+        assert result.returncode == 0, result.stderr + d.log()[-2000:]
+        assert "--no-enable-prefix-caching" in show(d, "m")["argv"]  # type: ignore[operator]
+        # Asked once: later serves and the next daemon read the cache in the state directory.
+        d.stop()
+        d.start()
+        again = d.ctl("serve", "org/m2", "--name", "m2", "--memory", "2GiB", "--option", "disable-prefix-caching")
+        assert again.returncode == 1 and "does not know it" in again.stderr
+        assert len((tools / "probes.log").read_text().splitlines()) == 1
+        assert d.ctl("stop", "m").returncode == 0

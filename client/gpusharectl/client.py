@@ -19,6 +19,8 @@ DEFAULT_SOCKET = Path("/run/gpushared/gpushared.sock")
 SOCKET_ENV = "GPUSHARE_SOCKET"
 HINT_METADATA_KEY = "gpushare-hint"
 
+SERVE_TIMEOUT = 180.0
+"""Seconds a Serve call may take at least, whatever --timeout says (see Client.serve)."""
 EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
@@ -123,9 +125,9 @@ class Client:
             return CtlError(details, EXIT_PERMISSION, hint=hint)
         return CtlError(details, EXIT_REFUSED, hint=hint)
 
-    def _call(self, method: Callable[..., Resp], request: object) -> Resp:
+    def _call(self, method: Callable[..., Resp], request: object, *, at_least: float = 0.0) -> Resp:
         try:
-            return method(request, timeout=self.timeout)
+            return method(request, timeout=max(self.timeout, at_least))
         except grpc.RpcError as exc:
             raise self._translate(exc) from None
 
@@ -151,7 +153,8 @@ class Client:
         return self._call(self._stub.GetAllocation, pb.GetAllocationRequest(id=allocation_id))
 
     def serve(self, spec: pb.ModelSpec, *, api_key: str | None = None) -> pb.ServeResponse:
-        return self._call(self._stub.Serve, pb.ServeRequest(spec=spec, api_key=api_key))
+        # The first serve after a vLLM install waits while the daemon asks that vLLM which options it knows.
+        return self._call(self._stub.Serve, pb.ServeRequest(spec=spec, api_key=api_key), at_least=SERVE_TIMEOUT)
 
     def stop(self, name: str, *, keep_allocation: bool) -> pb.StopResponse:
         return self._call(self._stub.Stop, pb.StopRequest(name=name, keep_allocation=keep_allocation))

@@ -23,6 +23,7 @@ from gpushared.adapters.amdsmi_gpu import AmdSmiGpuBackend, load_amdsmi
 from gpushared.adapters.cgroupfs import CgroupError, CgroupFsTree, find_cgroup2_mount, own_cgroup_path
 from gpushared.adapters.child_process import CgroupLauncher
 from gpushared.adapters.emulated_amdsmi import EmulatedAmdSmi, EmulatorStateError
+from gpushared.adapters.engine_cli import EngineCli
 from gpushared.adapters.http_probe import HttpProbe
 from gpushared.adapters.model_files import ModelFiles
 from gpushared.adapters.procfs import ProcFs
@@ -314,6 +315,7 @@ class Daemon:
         if not serving.stub_launcher:
             # The stub is standard-library only, so it runs as a file, readable by any model uid.
             serving = replace(serving, stub_launcher=(sys.executable, "-I", str(Path(stub_engine.__file__))))
+        engine_cli = EngineCli(config.state_dir)
         models = ModelService(
             service,
             tree=tree,
@@ -323,7 +325,10 @@ class Daemon:
             config=serving,
             files=ModelFiles(config.state_dir),
             base_env=os.environ,
+            engine_cli=engine_cli,
         )
+        # Ask the configured vLLM for its options now, in the background: the first serve then rarely waits.
+        warm_up = asyncio.create_task(engine_cli.known_flags(serving.vllm_launcher))
         await models.restore(store.load_models())
         partitions = PartitionService(
             backend,
@@ -382,6 +387,7 @@ class Daemon:
             housekeeping.cancel()
             desired.cancel()
             watchdog.cancel()
+            warm_up.cancel()
             await server.stop()
             await partitions.shutdown()
             if serving.stop_models_on_exit:

@@ -219,6 +219,51 @@ def build_argv(
     return argv
 
 
+FIXED_FLAGS = (
+    "--host",
+    "--port",
+    "--served-model-name",
+    "--tensor-parallel-size",
+    "--gpu-memory-utilization",
+    "--dtype",
+)
+"""Flags every command line carries; an engine that lacks one cannot be driven by gpushared at all."""
+
+
+def planned_flags(spec: ModelSpec) -> list[str]:
+    """The flags build_argv will put on the command line for ``spec`` (values left out)."""
+    flags = list(FIXED_FLAGS)
+    if spec.kv_cache_bytes is not None:
+        flags.append("--kv-cache-memory-bytes")
+    if spec.max_model_len is not None:
+        flags.append("--max-model-len")
+    if spec.max_num_seqs is not None:
+        flags.append("--max-num-seqs")
+    return flags + [option.flag for option in resolve_options(spec.options)]
+
+
+def check_known_flags(argv: list[str], known: frozenset[str], *, launcher: str) -> None:
+    """Refuse an argv with a flag the installed engine's parser does not list (its ``serve --help=all``).
+
+    gpushare's option table follows the newest vLLM; an older one rejects newer spellings such as
+    ``--disable-prefix-caching`` (0.33) at start with "unrecognized arguments", which would only show up as a
+    crash loop. Refusing here names the option and starts nothing."""
+    unknown = [a for a in argv if a.startswith("--") and a.split("=", 1)[0] not in known]
+    if not unknown:
+        return
+    fixed = [a for a in unknown if a in FIXED_FLAGS]
+    if fixed:
+        raise FailedPrecondition(
+            f"engine {launcher}: its serve command has no {', '.join(fixed)}",
+            hint="point models.vllm_launcher at a vLLM serve command (vLLM 0.10 or newer)",
+        )
+    raise FailedPrecondition(
+        f"option {unknown[0]}: the installed vLLM ({launcher}) does not know it",
+        hint="use the spelling that vLLM lists in `vllm serve --help=all` (e.g. --no-enable-prefix-caching "
+        "before 0.33), or drop the option",
+    )
+
+
 def _checked_value(name: str, value: str) -> str:
     if (
         not isinstance(value, str)

@@ -19,7 +19,7 @@ from gpushared.domain.lease import lease_environment, leased_partitions
 from gpushared.domain.model import Engine, ModelSpec, derive_memory_bytes, validate_spec
 from gpushared.domain.model_state import ModelState, Transition
 from gpushared.domain.served_model import KEEP_START_SECONDS, ServedModel, ServingConfig, choose_port
-from gpushared.domain.vllm_args import build_argv, build_env, validate_api_key
+from gpushared.domain.vllm_args import build_argv, build_env, check_known_flags, planned_flags, validate_api_key
 from gpushared.ports import ModelDeleted, ModelSaved
 from gpushared.services.allocations import AllocationService
 from gpushared.services.supervision_ports import (
@@ -27,6 +27,7 @@ from gpushared.services.supervision_ports import (
     ChildLauncher,
     ChildLimits,
     ChildSpec,
+    EngineCliPort,
     HealthProbe,
     LeafTree,
     ModelFilesPort,
@@ -83,6 +84,7 @@ class ModelService:
         files: ModelFilesPort,
         base_env: Mapping[str, str],
         clock: Callable[[], float] = time.monotonic,
+        engine_cli: EngineCliPort | None = None,
     ) -> None:
         self._allocations = allocations
         self._tree = tree
@@ -93,6 +95,7 @@ class ModelService:
         self._files = files
         self._base_env = dict(base_env)
         self._clock = clock
+        self._engine_cli = engine_cli
         self._entries: dict[str, _Entry] = {}
         self._pool_gates: dict[tuple[str, int], asyncio.Lock] = {}
         self._starting: set[asyncio.Task[None]] = set()
@@ -182,6 +185,10 @@ class ModelService:
             if existing.state is ModelState.STOPPED:
                 hint = "it is stopped with its allocation kept; `gpusharectl stop NAME` releases it, then serve again"
             raise AlreadyExists(f"model {spec.name}: a model of that name exists ({existing.state})", hint=hint)
+        if spec.engine == Engine.VLLM and self._engine_cli is not None:
+            known = await self._engine_cli.known_flags(self._config.vllm_launcher)
+            if known is not None:
+                check_known_flags(planned_flags(spec), known, launcher=" ".join(self._config.vllm_launcher)[:120])
         uid, gid = self._run_as(caller)
         if spec.model.startswith("/") and not await asyncio.to_thread(self._files.readable_by, spec.model, uid, gid):
             raise PermissionDenied(

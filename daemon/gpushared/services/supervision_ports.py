@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -121,6 +121,12 @@ class HealthProbe(Protocol):
 
     async def completes(self, port: int, served_name: str, *, api_key: str | None, timeout: float) -> bool:
         """A one-token completion is answered within ``timeout``: the engine itself works, not only the API."""
+        ...
+
+
+class EngineCliPort(Protocol):
+    async def known_flags(self, launcher: Sequence[str]) -> frozenset[str] | None:
+        """The options the engine's ``serve`` accepts, from the engine itself; None when it cannot be asked."""
         ...
 
 
