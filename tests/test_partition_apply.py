@@ -359,3 +359,40 @@ def test_configured_layout_is_applied_at_start_when_idle_and_reported_as_drift_o
     while js(host, "status").get("drift"):
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+def test_a_stopping_daemon_answers_calls_in_flight_and_refuses_new_ones(host: Daemon) -> None:
+    write_faults(host.state_dir, EmulatorFaults(reload_seconds=3.0))
+    started = js(host, "partition", "apply", "--compute", "CPX", "--memory", "NPS4")["id"]
+    deadline = time.monotonic() + PATIENCE
+    while "reloading" not in js(host, "operation", "show", started)["progress"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # A plan observes the hardware, which is busy reloading for a few seconds: the call is in flight...
+    argv = [
+        sys.executable,
+        "-m",
+        "gpusharectl",
+        "--socket",
+        str(host.socket),
+        "partition",
+        "plan",
+        "--compute",
+        "SPX",
+        "--memory",
+        "NPS1",
+    ]
+    in_flight = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    assert host.process is not None
+    host.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while host.socket.exists():
+        assert time.monotonic() < deadline, "the public socket goes at once"
+        time.sleep(0.02)
+    refused = host.ctl("status")
+    assert refused.returncode == 3, refused.stderr
+    out, err = in_flight.communicate(timeout=PATIENCE)
+    assert in_flight.returncode == 0, err
+    assert out.startswith("changes"), "...and its answer still arrives"
+    assert host.process.wait(PATIENCE) == 0

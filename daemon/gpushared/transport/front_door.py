@@ -82,6 +82,10 @@ def identity_from_peer(peer: str, peer_dir: Path) -> PeerIdentity | None:
     return PeerIdentity(uid=uid, gid=gid, pid=pid)
 
 
+DRAIN = b"drain"
+"""Sent to the helper on its control channel: stop accepting, keep relaying."""
+
+
 class FrontDoorError(Exception):
     """The public socket cannot be served; the message names the path and what to do about it."""
 
@@ -114,6 +118,7 @@ class FrontDoor:
         self._ctrl: socket.socket | None = None
         self._supervisor: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._draining = False
         self._active = 0
 
     @property
@@ -130,6 +135,7 @@ class FrontDoor:
             self._prepare_peer_dir()
             listener = self._bind_public()
             self._stopping = threading.Event()
+            self._draining = False
             try:
                 proc, ctrl = self._spawn(listener)
             except BaseException:
@@ -147,6 +153,21 @@ class FrontDoor:
             "unchanged" if self._socket_gid is None else self._socket_gid,
             self._internal_path,
         )
+
+    def stop_accepting(self) -> None:
+        """First half of a graceful stop: new connections are refused (the path is gone, the listener closed here
+        and in the helper) while open ones still carry the responses of calls in flight; stop() then drops them."""
+        with self._lock:
+            if self._listener is None or self._draining:
+                return
+            self._draining = True
+            self._unlink_public()
+            self._listener.close()
+            if self._ctrl is not None:
+                try:
+                    self._ctrl.send(DRAIN)
+                except OSError:
+                    pass  # the helper is gone already; stop() finds out
 
     def stop(self) -> None:
         """Stop accepting, drop every relayed connection, remove the public socket. Idempotent."""
@@ -351,7 +372,7 @@ class FrontDoor:
             if self._stopping.wait(_RESPAWN_DELAY):
                 return
             with self._lock:
-                if self._stopping.is_set() or self._listener is None:
+                if self._stopping.is_set() or self._listener is None or self._draining:
                     return
                 try:
                     self._proc, self._ctrl = self._spawn(self._listener)
@@ -552,7 +573,7 @@ class _Relay:
         listen_fd, ctrl_fd = self._listen_fd, self._ctrl_fd
         while True:
             timeout = -1.0
-            if self._listen_resume:
+            if self._listen_resume and self._listener.fileno() != -1:
                 timeout = max(0.0, self._listen_resume - time.monotonic())
                 if timeout == 0.0:
                     self._listen_resume = 0.0
@@ -574,11 +595,22 @@ class _Relay:
 
     def _daemon_alive(self) -> bool:
         try:
-            return bool(self._ctrl.recv(4096))
+            data = self._ctrl.recv(4096)
         except BlockingIOError:
             return True
         except OSError:
             return False
+        if DRAIN in data:
+            self._stop_accepting()
+        return bool(data)
+
+    def _stop_accepting(self) -> None:
+        """The daemon is stopping: accept nothing more, keep relaying what is open until told to exit."""
+        if self._listener.fileno() == -1:
+            return
+        self._listen_resume = 0.0
+        self._set_interest(self._listen_fd, 0)
+        self._listener.close()
 
     def last_words(self) -> None:
         """Deliver queued messages before exiting, waiting briefly for the daemon to read them."""

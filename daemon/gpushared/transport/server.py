@@ -130,12 +130,16 @@ class ApiServer:
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
+        # New callers are refused at once; calls in flight get ``grace`` seconds and their answers still travel
+        # back through the relay, which is dropped only after that.
         if self._front_door is not None:
-            self._front_door.stop()
-            self._front_door = None
+            self._front_door.stop_accepting()
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        if self._front_door is not None:
+            self._front_door.stop()
+            self._front_door = None
         self.internal_socket.unlink(missing_ok=True)
         if self._lock is not None:
             os.close(self._lock)
