@@ -21,6 +21,7 @@ from gpushared.domain.errors import FailedPrecondition, GpushareError, NotFound,
 from gpushared.domain.gpu import HostInventory
 from gpushared.domain.partition_op import OperationState, PartitionOperation
 from gpushared.domain.partitioning import (
+    STEP_ORDER,
     DeviceHolder,
     GpuLayout,
     LayoutRequest,
@@ -428,7 +429,12 @@ class PartitionService:
         inventory: HostInventory | None = None
         notes = []
         memory = next(iter(before.values())).memory
-        staged = any(operation.after[b].memory != before[b].memory for b in before)
+        # Only an operation that got as far as setting the memory partition can have left one staged; setting it
+        # again on hardware that never saw a change is not a no-op everywhere, so it is not done then.
+        reached = operation.failed_step is None or STEP_ORDER.index(operation.failed_step) >= STEP_ORDER.index(
+            StepKind.SET_MEMORY
+        )
+        staged = reached and any(operation.after[b].memory != before[b].memory for b in before)
         try:
             inventory = await asyncio.to_thread(self._backend.observe)
             if staged or self._mismatches(inventory, before):
