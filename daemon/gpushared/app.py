@@ -32,7 +32,7 @@ from gpushared.adapters.systemd_notify import SystemdNotifier
 from gpushared.adapters.systemd_units import SystemctlUnits
 from gpushared.adapters.user_db import UserDatabase
 from gpushared.config import DEFAULT_CONFIG_PATH, DaemonConfig, load_config, reload_changes, with_overrides
-from gpushared.domain.errors import ConfigError, GpushareError
+from gpushared.domain.errors import BackendUnavailable, ConfigError, GpushareError
 from gpushared.domain.model_state import ModelState
 from gpushared.logs import configure_logging, set_level
 from gpushared.ports import GpuBackend
@@ -49,6 +49,7 @@ REFRESH_SECONDS = 30.0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_CONFIG = 78  # sysexits EX_CONFIG: systemd can refuse to restart on it
+EXIT_NO_BACKEND = 69  # sysexits EX_UNAVAILABLE: no amdsmi or no GPU; restarting cannot fix it either
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             f"Configuration is read from {DEFAULT_CONFIG_PATH} when it exists; command-line options "
-            "override it. Signals: SIGTERM/SIGINT stop cleanly, SIGHUP reloads the configuration."
+            "override it. Signals: SIGTERM/SIGINT stop cleanly, SIGHUP reloads the configuration. "
+            "Exit status: 0 stopped cleanly, 1 a startup error (printed on one line), 69 no usable GPU "
+            "backend (amdsmi missing or no GPU), 78 invalid configuration."
         ),
     )
     parser.add_argument(
@@ -494,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GpushareError as exc:
         # One line an operator can act on, no traceback: what failed, and how to proceed.
         print(f"gpushared: error: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_NO_BACKEND if isinstance(exc, BackendUnavailable) else EXIT_FAILURE
     except KeyboardInterrupt:
         return 0
     return 0
