@@ -144,8 +144,7 @@ systemctl = "/bin/systemctl"
     assert config.layout[0] == GpuLayout(ComputePartition.CPX, MemoryPartition.NPS4)
     assert config.layout[7] == GpuLayout(ComputePartition.QPX, MemoryPartition.NPS4)
     assert config.layout_warnings == (
-        "QPX/NPS4 is allowed by the kernel but not validated by AMD on MI300X "
-        "(validated: SPX/NPS1, CPX/NPS1, CPX/NPS4)",
+        "QPX/NPS4 is allowed by the kernel but not validated by AMD on MI300X (validated: SPX/NPS1 and CPX/NPS4)",
     )
     assert config.holder_services == ("amd-metrics-exporter.service",)
     assert config.reload_command[0] == "/bin/sh" and config.reload_timeout_seconds == 200.0

@@ -208,8 +208,9 @@ def test_ignored_compute_set_fails_verify_and_a_failed_rollback_marks_gpus_degra
     assert layouts(host) == {"SPX/NPS1"}
 
     # Now the forward reload works but every later one fails: the rollback cannot bring NPS1 back.
+    serve(host, "m0")
     write_faults(host.state_dir, EmulatorFaults(reload_seconds=2.0))
-    started = js(host, "partition", "apply", "--compute", "QPX", "--memory", "NPS4")["id"]
+    started = js(host, "partition", "apply", "--compute", "QPX", "--memory", "NPS4", "--drain")["id"]
     deadline = time.monotonic() + PATIENCE
     while "reloading" not in js(host, "operation", "show", started)["progress"]:
         assert time.monotonic() < deadline
@@ -224,10 +225,17 @@ def test_ignored_compute_set_fails_verify_and_a_failed_rollback_marks_gpus_degra
     assert refused.returncode == 1 and "no GPU is available" in refused.stderr
     assert "degraded" in ok(host.ctl("status"))
 
+    model = js(host, "show", "m0")
+    assert model["state"] == "MODEL_STATE_FAILED" and "no room on the new partition layout" in model["last_error"]
+    assert len(model["last_error"]) < 600, "the reason stays readable"
+
     write_faults(host.state_dir, EmulatorFaults())
     cleared = ok(host.ctl("gpu", "clear", "4"))
     assert cleared.startswith("gpu 4: cleared (was: partition operation")
     assert host.ctl("gpu", "clear", "4").returncode == 1
+    # The model the failed operation could not place goes back on the GPU the admin cleared.
+    model = wait_ready(host, "m0")["m0"]
+    assert js(host, "show", model["allocation_id"])["partitions"][0]["gpu_index"] == 4
     ok(host.ctl("allocate", "--memory", "1GiB", "--gpu", "4"))
     host.stop()
     host.start()

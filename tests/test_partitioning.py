@@ -73,6 +73,7 @@ def test_invalid_combinations_are_refused_with_the_way_out() -> None:
     assert check_combination(CPX, NPS4) == []
     assert check_combination(SPX, NPS1) == []
     assert "not validated by AMD" in check_combination(QPX, NPS4)[0]
+    assert "CPX/NPS1 is allowed by the kernel but not validated by AMD" in check_combination(CPX, NPS1)[0]
 
 
 def test_gpu_sets() -> None:

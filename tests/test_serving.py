@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import os
 import secrets
@@ -179,6 +180,8 @@ def test_serve_runs_as_the_caller_and_hostile_specs_start_nothing(serving: Daemo
     model = show(serving, "mine")
     pid = int(str(model["pid"]))
     assert proc_status(pid)["Uid"].split()[0] == str(OTHER_UID)
+    # Its own gid and the GPU device group (video here; render exists only on ROCm hosts), never root's 0.
+    assert sorted(proc_status(pid)["Groups"].split()) == sorted([str(OTHER_UID), str(grp.getgrnam("video").gr_gid)])
     assert model["owner_uid"] == OTHER_UID
     refused = serving.ctl("stop", "mine", user=OTHER_UID + 1, group=OTHER_UID + 1, extra_groups=[0])
     assert refused.returncode == 4

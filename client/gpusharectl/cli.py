@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     release = commands.add_parser("release", parents=[common], help="give an allocation back (owner or admin)")
     release.add_argument("id", help="allocation id, e.g. a-0123456789ab")
     commands.add_parser("list", parents=[common], help="all allocations")
-    show = commands.add_parser("show", parents=[common], help="one allocation in full")
-    show.add_argument("id", help="allocation id")
+    show = commands.add_parser("show", parents=[common], help="one allocation or one model in full")
+    show.add_argument("id", metavar="ID|NAME", help="allocation id (a-0123456789ab) or model name")
     serve = commands.add_parser(
         "serve",
         parents=[common],

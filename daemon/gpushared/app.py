@@ -147,13 +147,20 @@ def open_cgroups(config: DaemonConfig) -> tuple[CgroupFsTree | None, str]:
         root = own
     try:
         tree = CgroupFsTree(root)
+        # Out of root first: the kernel refuses to enable controllers for leaves while a process lives in root.
+        try:
+            tree.adopt_supervisor(os.getpid())
+        except CgroupError as exc:
+            support = tree.probe()
+            return None, support.reason if not support.writable else str(exc)
         support = tree.probe()
         if not support.writable:
             return None, support.reason
-        tree.adopt_supervisor(os.getpid())
     except CgroupError as exc:
         return None, str(exc)
-    if support.reason:
+    if support.enforced:
+        log.info("cgroup %s: %s", root, support.reason, extra={"event": "cgroup_limits"})
+    elif support.reason:
         log.warning("cgroup %s: %s", root, support.reason, extra={"event": "cgroup_limits"})
     return tree, ""
 

@@ -83,6 +83,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "cgroup_root": str,
         "port_range": str,
         "service_account": str,
+        "device_groups": list,
         "vllm_launcher": list,
         "stub_launcher": list,
         "option_allowlist": list,
@@ -239,6 +240,11 @@ def _serving(where: str, models: dict[str, Any]) -> ServingConfig:
         changes["port_low"], changes["port_high"] = int(low), int(high)
     if "service_account" in models:
         changes["service_account"] = models["service_account"]
+    if "device_groups" in models:
+        groups = models["device_groups"]
+        if not all(isinstance(g, str) and g for g in groups):
+            raise ConfigError(f'config {where}: models.device_groups must be a list of group names, e.g. ["render"]')
+        changes["device_groups"] = tuple(groups)
     for key in ("vllm_launcher", "stub_launcher"):
         if key in models:
             launcher = models[key]

@@ -49,6 +49,11 @@ class CgroupSupport:
     controllers: frozenset[str]
     reason: str
 
+    @property
+    def enforced(self) -> bool:
+        """Every limit gpushared sets on a model leaf is enforced."""
+        return all(c in self.controllers for c in WANTED_CONTROLLERS)
+
 
 @dataclass(frozen=True)
 class _Mount:

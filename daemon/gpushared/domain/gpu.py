@@ -64,10 +64,10 @@ VALID_COMBINATIONS: dict[ComputePartition, frozenset[MemoryPartition]] = {
 
 AMD_VALIDATED: frozenset[tuple[ComputePartition, MemoryPartition]] = frozenset(
     {
-        # What AMD's compatibility matrix validates on MI300X; the rest the kernel merely allows.
+        # What AMD's compatibility matrix validates on MI300X (mi300x.md §1.4: SPX+NPS1 and CPX+NPS4 from
+        # ROCm 6.4; CPX+NPS1 is validated on MI300A only); the rest the kernel merely allows.
         (ComputePartition.SPX, MemoryPartition.NPS1),
         (ComputePartition.CPX, MemoryPartition.NPS4),
-        (ComputePartition.CPX, MemoryPartition.NPS1),
     }
 )
 

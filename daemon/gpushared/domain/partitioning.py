@@ -54,7 +54,7 @@ def check_combination(compute: ComputePartition, memory: MemoryPartition) -> lis
     if (compute, memory) not in AMD_VALIDATED:
         return [
             f"{compute}/{memory} is allowed by the kernel but not validated by AMD on MI300X "
-            "(validated: SPX/NPS1, CPX/NPS1, CPX/NPS4)"
+            "(validated: SPX/NPS1 and CPX/NPS4)"
         ]
     return []
 

@@ -21,6 +21,9 @@ class ServingConfig:
     port_low: int = 8100
     port_high: int = 8199
     service_account: str = "gpushare-model"
+    device_groups: tuple[str, ...] = ("render", "video")
+    """Groups every child gets besides its user's own: /dev/kfd and /dev/dri/renderD* are root:render (or video)
+    0660 on ROCm hosts, and a model that cannot open them cannot use the GPU. Names that do not exist are skipped."""
     vllm_launcher: tuple[str, ...] = ("vllm",)
     stub_launcher: tuple[str, ...] = ()
     """Empty = the composition root's default (the shipped stub engine)."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import grp
 import logging
+import os
 import pwd
 import random
 import time
@@ -257,6 +259,21 @@ class ModelService:
             return entry.pw_uid, entry.pw_gid
         raise FailedPrecondition("models: neither the service account nor 'nobody' exists to run root's models")
 
+    def _groups(self, uid: int, gid: int) -> tuple[int, ...]:
+        """The child's supplementary groups: its user's own (model files may be group-readable) and the device
+        groups that let it open the GPUs; never root's."""
+        try:
+            groups = set(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
+        except KeyError:
+            groups = {gid}
+        for name in self._config.device_groups:
+            try:
+                groups.add(grp.getgrnam(name).gr_gid)
+            except KeyError:
+                continue
+        groups.discard(0)
+        return tuple(sorted(groups))
+
     def _smallest_cap(self, gpu_index: int | None, compute: ComputePartition | None) -> int:
         gpus = [
             g
@@ -298,7 +315,8 @@ class ModelService:
             cache_dir=str(home / "cache"),
             hf_home=str(home / "cache" / "hf"),
             api_key=record.api_key,
-            offline=True,
+            # A local path needs no hub; a hub id is downloaded into the model's own cache on first start.
+            offline=spec.model.startswith("/"),
         )
         child = ChildSpec(
             name=record.name,
@@ -307,7 +325,7 @@ class ModelService:
             cwd=str(home),
             uid=record.run_as_uid,
             gid=record.run_as_gid,
-            extra_groups=(),
+            extra_groups=self._groups(record.run_as_uid, record.run_as_gid),
             port=record.port,
             served_name=spec.served_model_name,
             log_path=log_path,
@@ -535,7 +553,7 @@ class ModelService:
                 ),
             )
         except GpushareError as exc:
-            why = f"no room on the new partition layout after operation {record.drained_by}: {exc}"
+            why = f"no room on the new partition layout after operation {record.drained_by}: {str(exc)[:300]}"
             entry.record = replace(record, drained_by="", failure=why)
             await self._allocations.commit.record(ModelSaved(entry.record))
             log.error("model %s: %s", name, why, extra={"event": "undrain_failed", "model": name})
@@ -560,6 +578,18 @@ class ModelService:
             extra={"event": "undrain", "model": name, "allocation": allocation.id},
         )
         return ""
+
+    async def retry_unplaced(self) -> list[str]:
+        """Place again the models a partition operation could not (their GPUs may be back, e.g. after
+        ``gpu clear``); returns the names now starting."""
+        started = []
+        for name, entry in list(self._entries.items()):
+            record = entry.record
+            if record.failure and not record.allocation_id and record.running and entry.supervisor is None:
+                entry.record = replace(record, drained_by="retry")
+                if not await self.undrain(name):
+                    started.append(name)
+        return started
 
     def drained(self, operation_id: str) -> list[str]:
         return [n for n, e in self._entries.items() if e.record.drained_by == operation_id]

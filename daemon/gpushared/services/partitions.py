@@ -556,4 +556,7 @@ class PartitionService:
             raise FailedPrecondition(f"gpu {gpu_index}: is not marked degraded")
         await self._allocations.clear_degraded(gpu.bdf)
         log.info("gpu %d: degraded mark cleared by %s", gpu_index, caller.describe(), extra={"event": "gpu_cleared"})
+        restarted = await self._models.retry_unplaced()
+        if restarted:
+            log.info("models %s placed again after gpu %d was cleared", ", ".join(restarted), gpu_index)
         return reason
