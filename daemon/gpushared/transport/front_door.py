@@ -164,10 +164,9 @@ class FrontDoor:
             self._unlink_public()
             self._listener.close()
             if self._ctrl is not None:
-                try:
+                # A helper that is gone already is found out by stop().
+                with contextlib.suppress(OSError):
                     self._ctrl.send(DRAIN)
-                except OSError:
-                    pass  # the helper is gone already; stop() finds out
 
     def stop(self) -> None:
         """Stop accepting, drop every relayed connection, remove the public socket. Idempotent."""
