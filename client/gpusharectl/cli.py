@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from gpusharectl import render
+from gpusharectl import render, top
 from gpusharectl.client import (
     DEFAULT_SOCKET,
     EXIT_OK,
@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-n", "--lines", type=_count, default=100, metavar="N", help="last N lines (default 100)")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until interrupted")
     _partition_parsers(commands, common)
+    top_command = commands.add_parser(
+        "top", help="live view of GPUs, partitions and models: memory bars, request rates, TTFT (q quits)"
+    )
+    top.add_arguments(top_command)
     health = commands.add_parser("health", parents=[common], help="grpc.health.v1 check: exit 0 when serving")
     health.add_argument("--service", default="", help="service name (default: the whole server)")
     return parser
@@ -327,6 +331,8 @@ def _run(args: argparse.Namespace, client: Client) -> int:
     elif args.command == "models":
         models = client.list_models()
         out(render.to_json(models) if args.json else render.models(models))
+    elif args.command == "top":
+        return top.main(args, client)
     elif args.command == "health":
         response = client.health(args.service)
         name = response.ServingStatus.Name(response.status)

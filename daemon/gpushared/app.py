@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2
 
 from gpushared import __version__, stub_engine
 from gpushared.adapters.amdsmi_gpu import AmdSmiGpuBackend, load_amdsmi
-from gpushared.adapters.cgroupfs import CgroupError, CgroupFsTree, find_cgroup2_mount, own_cgroup_path
+from gpushared.adapters.cgroupfs import SUPERVISOR, CgroupError, CgroupFsTree, find_cgroup2_mount, own_cgroup_path
 from gpushared.adapters.child_process import CgroupLauncher
 from gpushared.adapters.emulated_amdsmi import EmulatedAmdSmi, EmulatorStateError
 from gpushared.adapters.engine_cli import EngineCli
@@ -35,6 +35,10 @@ from gpushared.config import DEFAULT_CONFIG_PATH, DaemonConfig, load_config, rel
 from gpushared.domain.errors import BackendUnavailable, ConfigError, GpushareError
 from gpushared.domain.model_state import ModelState
 from gpushared.logs import configure_logging, set_level
+from gpushared.metrics.exporter import MetricsExporter
+from gpushared.metrics.hooks import DaemonMetrics
+from gpushared.metrics.settings import DEFAULT_LISTEN
+from gpushared.metrics.source import ServicesSource
 from gpushared.ports import GpuBackend
 from gpushared.services.allocations import AllocationPolicy, AllocationService
 from gpushared.services.models import SYSTEM, ModelService
@@ -106,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="stop every model when gpushared exits (default: models keep running and are re-adopted)",
     )
+    parser.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help=f"serve Prometheus metrics at http://HOST:PORT/metrics (default {DEFAULT_LISTEN}; off: no listener)",
+    )
     parser.add_argument("--version", action="version", version=f"gpushared {__version__}")
     return parser
 
@@ -127,6 +136,7 @@ def command_line_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "log_level": args.log_level,
         "cgroup_root": args.cgroup_root.absolute() if args.cgroup_root else None,
         "stop_models_on_exit": args.stop_models_on_exit,
+        "metrics_listen": args.metrics_listen,
     }
 
 
@@ -144,7 +154,8 @@ def open_cgroups(config: DaemonConfig) -> tuple[CgroupFsTree | None, str]:
                 None,
                 f"no delegated cgroup: run under systemd (Delegate=yes) or pass --cgroup-root {mount}/gpushared",
             )
-        root = own
+        # systemd >= 254 with DelegateSubgroup=supervisor starts us in <unit>/supervisor: the unit is the root.
+        root = own.parent if own.name == SUPERVISOR else own
     try:
         tree = CgroupFsTree(root)
         # Out of root first: the kernel refuses to enable controllers for leaves while a process lives in root.
@@ -322,6 +333,7 @@ class Daemon:
         if tree is None:
             log.warning("models cannot be served: %s", problem, extra={"event": "no_cgroup"})
         serving = config.serving
+        metrics = DaemonMetrics(watchdog_enabled=self.notifier.watchdog_seconds is not None)
         if not serving.stub_launcher:
             # The stub is standard-library only, so it runs as a file, readable by any model uid.
             serving = replace(serving, stub_launcher=(sys.executable, "-I", str(Path(stub_engine.__file__))))
@@ -331,7 +343,7 @@ class Daemon:
             tree=tree,
             cgroup_problem=problem,
             launcher=CgroupLauncher(tree) if tree is not None else None,
-            probe=HttpProbe(),
+            probe=metrics.metered_probe(HttpProbe()),
             config=serving,
             files=ModelFiles(config.state_dir),
             base_env=os.environ,
@@ -359,7 +371,7 @@ class Daemon:
         socket_gid = self._group("socket_group", config.socket_group)
         auth = Authenticator(peer_dir_for(config.socket), self.is_admin)
         server = ApiServer(
-            GpushareServicer(service, auth, backend.name, models, partitions),
+            GpushareServicer(service, auth, backend.name, models, partitions, rpc_observer=metrics),
             config.socket,
             socket_mode=config.socket_mode,
             socket_gid=socket_gid,
@@ -367,6 +379,24 @@ class Daemon:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: self.reload(service))
         await server.start()
+        exporter = MetricsExporter(
+            metrics,
+            ServicesSource(backend.name, service, models, partitions),
+            hardware=backend,
+            settings=config.metrics,
+            restart_policy=serving.restart,
+        )
+        if config.metrics.listen is not None:
+            try:
+                await exporter.start(*config.metrics.listen)
+            except OSError as exc:
+                # Serving GPUs matters more than serving metrics; Prometheus' `up` and the alert rules say it.
+                log.error(
+                    "metrics: cannot listen on %s:%d: %s",
+                    *config.metrics.listen,
+                    exc.strerror or exc,
+                    extra={"event": "metrics_listen_failed", "fix": "pick another metrics.listen or --metrics-listen"},
+                )
         inventory = service.view.inventory
         log.info(
             "serving on %s: %s backend, %d GPUs, %d partitions, %d allocations",
@@ -388,7 +418,7 @@ class Daemon:
         refresher = asyncio.create_task(self._refresh(backend, service, partitions))
         housekeeping = asyncio.create_task(models.housekeeping())
         desired = asyncio.create_task(partitions.apply_desired(SYSTEM))
-        watchdog = asyncio.create_task(self._watchdog(summary))
+        watchdog = asyncio.create_task(self._watchdog(summary, metrics))
         try:
             await self._stop.wait()
         finally:
@@ -398,6 +428,7 @@ class Daemon:
             desired.cancel()
             watchdog.cancel()
             warm_up.cancel()
+            await exporter.stop()
             await server.stop()
             await partitions.shutdown()
             if serving.stop_models_on_exit:
@@ -407,7 +438,7 @@ class Daemon:
                 loop.remove_signal_handler(signum)
         log.info("stopped", extra={"event": "stopped"})
 
-    async def _watchdog(self, summary: Callable[[], str]) -> None:
+    async def _watchdog(self, summary: Callable[[], str], metrics: DaemonMetrics) -> None:
         """WATCHDOG=1 at half systemd's interval, but only while the event loop keeps time and the API answers a
         health check through the public socket (front door included): a wedged daemon gets restarted."""
         interval = (self.notifier.watchdog_seconds or 10.0) / 2
@@ -434,6 +465,7 @@ class Daemon:
                             )
                     except grpc.RpcError as exc:
                         problem = f"the API health check failed ({exc.code().name})"
+                metrics.watchdog(sent=not problem)
                 if problem:
                     log.warning("watchdog ping withheld: %s", problem, extra={"event": "watchdog_withheld"})
                     continue

@@ -14,6 +14,7 @@ from gpushared.domain.model import parse_allowlist
 from gpushared.domain.partitioning import GpuLayout, check_combination, parse_gpu_set
 from gpushared.domain.served_model import ServingConfig
 from gpushared.domain.units import parse_size
+from gpushared.metrics.settings import METRICS_KEYS, MetricsConfig, listen_override, parse_metrics
 
 DEFAULT_CONFIG_PATH = Path("/etc/gpushared/gpushared.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -38,6 +39,7 @@ class DaemonConfig:
     """The cgroup v2 subtree for model leaves; None = the daemon's own cgroup when systemd runs it."""
     serving: ServingConfig = field(default_factory=ServingConfig)
     partitions: PartitionConfig = field(default_factory=lambda: PartitionConfig())  # noqa: PLW0108 (defined below)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: Path | None = None
 
 
@@ -78,6 +80,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "systemctl": str,
     },
     "allocation": {"default_policy": str},
+    "metrics": METRICS_KEYS,
     "quota": {"max_allocations": int, "max_memory": (str, int), "users": dict},
     "models": {
         "cgroup_root": str,
@@ -170,6 +173,7 @@ def parse_config(data: dict[str, Any], path: Path) -> DaemonConfig:
         updates["cgroup_root"] = _absolute(where, "models.cgroup_root", models["cgroup_root"])
     updates["serving"] = _serving(where, models)
     updates["partitions"] = _partitions(where, data.get("partitions", {}), updates.get("emulated_gpu_count", 8))
+    updates["metrics"] = parse_metrics(where, data.get("metrics", {}))
     return replace(config, **updates)
 
 
@@ -302,6 +306,8 @@ def with_overrides(config: DaemonConfig, **overrides: Any) -> DaemonConfig:
     given = {k: v for k, v in overrides.items() if v is not None}
     if "stop_models_on_exit" in given:
         given["serving"] = replace(config.serving, stop_models_on_exit=given.pop("stop_models_on_exit"))
+    if "metrics_listen" in given:
+        given["metrics"] = replace(config.metrics, listen=listen_override(given.pop("metrics_listen")))
     return replace(config, **given)
 
 

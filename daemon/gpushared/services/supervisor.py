@@ -175,6 +175,9 @@ class ModelSupervisor:
         if child is None:
             return False
         self._child, self.identity = child, identity
+        # The previous daemon's stop released the controllers (systemd < 254 cannot restart a unit otherwise):
+        # the limits are back at "max" until they are written again.
+        self._apply_limits()
         self._transition(S.STARTING, f"re-adopted pid {identity.pid} (start time {identity.start_time})")
         self._task = asyncio.create_task(
             self._supervise(adopted=True, launch=False), name=f"supervise {self.spec.name}"
@@ -246,17 +249,20 @@ class ModelSupervisor:
             self._gate_held = False
             self._gate.release()
 
+    def _apply_limits(self) -> None:
+        name, limits = self.spec.name, self.spec.limits
+        not_applied = self._tree.set_limits(
+            name, memory_max=limits.memory_max, pids_max=limits.pids_max, cpu_weight=limits.cpu_weight
+        )
+        for line in not_applied:
+            # Said plainly, once per leaf: on a host without the controllers the limits do not exist.
+            _log.warning("model %s: %s", name, line, extra={"event": "limit_not_applied", "model": name})
+
     async def _prepare_leaf(self) -> None:
         name = self.spec.name
         if name not in self._tree.leaves():
             self._tree.create_leaf(name)
-            limits = self.spec.limits
-            not_applied = self._tree.set_limits(
-                name, memory_max=limits.memory_max, pids_max=limits.pids_max, cpu_weight=limits.cpu_weight
-            )
-            for line in not_applied:
-                # Said plainly, once per leaf: on a host without the controllers the limits do not exist.
-                _log.warning("model %s: %s", name, line, extra={"event": "limit_not_applied", "model": name})
+            self._apply_limits()
         elif self._tree.populated(name):
             # Something we do not hold runs in our leaf (a previous daemon's child that was not re-adopted):
             # starting a second server next to it would fight it for the port and the memory.

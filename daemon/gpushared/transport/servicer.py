@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -30,6 +31,7 @@ from gpushared.domain.gpu import ComputePartition, GpuInfo, PartitionInfo
 from gpushared.domain.lease import device_nodes, lease_environment, leased_partitions
 from gpushared.domain.model import Engine, ModelSpec
 from gpushared.domain.model_state import ModelState
+from gpushared.metrics.hooks import RpcObserver
 from gpushared.services.allocations import AllocationService, HostView
 from gpushared.services.models import ModelService, ModelView
 from gpushared.services.partitions import PartitionService
@@ -90,8 +92,11 @@ class GpushareServicer:
         backend_name: str,
         models: ModelService,
         partitions: PartitionService,
+        *,
+        rpc_observer: RpcObserver | None = None,
     ) -> None:
         self._allocations = allocations
+        self._observer = rpc_observer
         self._models = models
         self._partitions = partitions
         self._auth = auth
@@ -136,6 +141,9 @@ class GpushareServicer:
         self, name: str, request_type: type[Message], handler: Callable[[Caller, Any], Message | Awaitable[Message]]
     ) -> Callable[[bytes, grpc.aio.ServicerContext[bytes, Message]], Awaitable[Message]]:
         async def call(raw: bytes, context: grpc.aio.ServicerContext[bytes, Message]) -> Message:
+            started = time.perf_counter()
+            code = "OK"
+            error: BaseException | None = None
             try:
                 caller = self._auth.caller(context.peer())
                 try:
@@ -148,14 +156,22 @@ class GpushareServicer:
                 response = handler(caller, request)
                 return await response if inspect.isawaitable(response) else response
             except GpushareError as exc:
+                code, error = status_for(exc).name, exc
                 if exc.hint:
                     context.set_trailing_metadata(((HINT_METADATA_KEY, exc.hint),))
                 await context.abort(status_for(exc), exc.message)
-            except Exception:
+            except asyncio.CancelledError:
+                code = "CANCELLED"  # the client went away or the daemon is stopping
+                raise
+            except Exception as exc:
+                code, error = "INTERNAL", exc
                 log.exception("internal error in %s", name, extra={"event": "internal_error", "method": name})
                 await context.abort(
                     grpc.StatusCode.INTERNAL, "internal error in gpushared; see its log (journalctl -u gpushared)"
                 )
+            finally:
+                if self._observer is not None:
+                    self._observer.observe_rpc(name, code, time.perf_counter() - started, error)
             raise AssertionError("unreachable")  # pragma: no cover - abort always raises
 
         return call
