@@ -569,3 +569,8 @@ def test_fake_mirrors_amdsmi_shapes(make: Make) -> None:
         amdsmi.amdsmi_get_gpu_device_bdf("0000:0c:00.0")
     with pytest.raises(amdsmi.AmdSmiParameterException):
         amdsmi.amdsmi_init(2)
+
+
+def test_an_amdsmi_without_gpu_metrics_has_no_telemetry(make: Make) -> None:
+    # The fake mirrors a library without amdsmi_get_gpu_metrics_info: no readings, and no error either.
+    assert make().read_telemetry(0) is None

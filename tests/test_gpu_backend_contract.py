@@ -164,3 +164,15 @@ def test_unsupported_memory_mode_and_unknown_gpu(make: Factory) -> None:
 def test_smaller_hosts(make: Factory) -> None:
     inventory = make(gpus=2).backend.observe()
     assert [g.index for g in inventory.gpus] == [0, 1]
+
+
+def test_emulated_sensors_come_from_the_primary_and_leave_out_what_mi300x_lacks(tmp_path: Path) -> None:
+    backend = AmdSmiGpuBackend(EmulatedAmdSmi(tmp_path / "host.json", gpu_count=2), name="emulated")
+    try:
+        reading = backend.read_telemetry(1)
+    finally:
+        backend.close()
+    assert reading is not None
+    assert reading.temperature_celsius == {"hotspot": 43.0, "memory": 37.0, "vrsoc": 36.0}, "no edge sensor"
+    assert reading.power_watts == 140.0
+    assert reading.activity_ratio == {"gfx": 0.0, "umc": 0.0}, "no media activity on MI300X"

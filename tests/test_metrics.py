@@ -34,7 +34,7 @@ from gpushared.adapters.systemd_units import SystemctlUnits
 from gpushared.domain.allocation import AllocationRequest, PlacementPolicy, Quota
 from gpushared.domain.caller import Caller
 from gpushared.domain.errors import ConfigError, GpushareError, HardwareError
-from gpushared.domain.gpu import ComputePartition, DeviceProcess, MemoryPartition
+from gpushared.domain.gpu import ComputePartition, DeviceProcess, GpuTelemetry, MemoryPartition
 from gpushared.domain.model import Engine, ModelSpec
 from gpushared.domain.model_state import ModelState, Transition
 from gpushared.domain.partitioning import GpuLayout
@@ -43,7 +43,7 @@ from gpushared.metrics.collector import FAILURE_REASONS, failure_reason
 from gpushared.metrics.exporter import MetricsExporter
 from gpushared.metrics.hooks import DaemonMetrics
 from gpushared.metrics.settings import MetricsConfig, parse_listen, parse_metrics
-from gpushared.metrics.source import GpuTelemetry, ServicesSource
+from gpushared.metrics.source import ServicesSource
 from gpushared.metrics.text import COUNTER, GAUGE, HISTOGRAM, ExpositionError, parse, quantile
 from gpushared.metrics.vllm import SOURCE_KINDS, fetch_metrics, select_families
 from gpushared.services.allocations import AllocationPolicy, AllocationService, HostView
@@ -408,8 +408,13 @@ def test_exposition_of_real_services_describes_the_host_and_passes_promtool(tmp_
     assert value(text, "gpushare_api_request_duration_seconds_count", method="ListGpus") == 1
     assert value(text, "gpushare_api_request_duration_seconds_bucket", method="ListGpus", le="0.0005") == 1
     assert value(text, "gpushare_watchdog_pings_total", result="withheld") == 1
-    # The emulator has no sensors: no sensor family at all, rather than zeros.
-    assert "gpushare_gpu_temperature_celsius" not in text and "gpushare_gpu_power_watts" not in text
+    # The emulated MI300X reports sensors through each primary; what it lacks (edge temperature, media activity)
+    # is absent, not 0.
+    temperatures = samples(text, "gpushare_gpu_temperature_celsius")
+    assert value(text, "gpushare_gpu_temperature_celsius", gpu="1", sensor="hotspot") == 43
+    assert temperatures and not any('sensor="edge"' in k for k in temperatures)
+    assert value(text, "gpushare_gpu_power_watts", gpu="1") == 140
+    assert not any('engine="mm"' in k for k in samples(text, "gpushare_gpu_activity_ratio"))
     assert "process_cpu_seconds_total" in text
 
 

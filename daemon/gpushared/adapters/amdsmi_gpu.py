@@ -23,6 +23,7 @@ from gpushared.domain.gpu import (
     ComputePartition,
     DeviceProcess,
     GpuInfo,
+    GpuTelemetry,
     HostInventory,
     MemoryPartition,
     PartitionInfo,
@@ -284,6 +285,39 @@ class AmdSmiGpuBackend:
     def list_processes(self, gpu_index: int) -> dict[int, tuple[DeviceProcess, ...]]:
         with self._lock:
             return self._retrying_stale(lambda: self._list_processes(gpu_index))
+
+    def read_telemetry(self, gpu_index: int) -> GpuTelemetry | None:
+        """Sensors of one GPU through its primary partition (secondaries report N/A there, mi300x.md §4.3); None
+        when this amdsmi has no amdsmi_get_gpu_metrics_info."""
+        if not callable(getattr(self._lib, "amdsmi_get_gpu_metrics_info", None)):
+            return None
+        with self._lock:
+            return self._retrying_stale(lambda: self._read_telemetry(gpu_index))
+
+    def _read_telemetry(self, gpu_index: int) -> GpuTelemetry:
+        gpu = self._gpu(gpu_index)
+        info = self._call_mapping(gpu.subject, "read GPU metrics", "amdsmi_get_gpu_metrics_info", gpu.primary.handle)
+
+        def reading(key: str) -> float | None:
+            # "N/A" where the sensor does not exist; 0xFFFF / 0xFFFFFFFF are gpu_metrics' own "no data".
+            value = info.get(key)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value in (0xFFFF, 0xFFFFFFFF):
+                return None
+            return float(value)
+
+        sensors = (
+            ("hotspot", "temperature_hotspot"),
+            ("memory", "temperature_mem"),
+            ("vrsoc", "temperature_vrsoc"),
+            ("edge", "temperature_edge"),
+        )
+        temperatures = {name: v for name, key in sensors if (v := reading(key)) is not None}
+        power = reading("current_socket_power")
+        if power is None:
+            power = reading("average_socket_power")
+        engines = (("gfx", "average_gfx_activity"), ("umc", "average_umc_activity"), ("mm", "average_mm_activity"))
+        activity = {name: v / 100.0 for name, key in engines if (v := reading(key)) is not None}
+        return GpuTelemetry(temperatures, power, activity)
 
     def set_compute_partition(self, gpu_index: int, mode: ComputePartition) -> None:
         operation = f"set compute partition {mode.value}"

@@ -1328,6 +1328,30 @@ class EmulatedAmdSmi:
 
     # ---------------------------------------------------------------- partition queries
 
+    def amdsmi_get_gpu_metrics_info(self, processor_handle: EmulatedProcessorHandle) -> dict[str, Any]:
+        """A few of gpu_metrics' ~80 keys (mi300x.md §4.3): temperatures in °C, socket power in W, activity in %.
+        MI300X has no edge sensor ("N/A"); secondaries report N/A for power and temperatures. The values are steady,
+        derived from the GPU index, and rise with the processes holding the GPU."""
+        if not isinstance(processor_handle, EmulatedProcessorHandle):
+            raise AmdSmiParameterException(processor_handle, EmulatedProcessorHandle)
+        with self._lock:
+            gpu, part = self._resolve(processor_handle)
+            faults, _ = self._read_faults()
+            busy = sum(1 for h in self._live_holders(faults) if h.gpu == gpu)
+            primary = part == 0
+            power = 140 + 90 * min(busy, 4)
+            return {
+                "temperature_edge": "N/A",
+                "temperature_hotspot": 42 + gpu + 6 * busy if primary else "N/A",
+                "temperature_mem": 36 + gpu + 3 * busy if primary else "N/A",
+                "temperature_vrsoc": 35 + gpu if primary else "N/A",
+                "current_socket_power": power if primary else "N/A",
+                "average_socket_power": power if primary else "N/A",
+                "average_gfx_activity": min(100, 25 * busy),
+                "average_umc_activity": min(100, 10 * busy),
+                "average_mm_activity": "N/A",
+            }
+
     def amdsmi_get_gpu_compute_partition(self, processor_handle: EmulatedProcessorHandle) -> str:
         with self._lock:
             gpu, part = self._resolve(processor_handle)

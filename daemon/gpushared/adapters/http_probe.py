@@ -13,6 +13,22 @@ LOOPBACK = "127.0.0.1"
 _MAX_BODY = 1 << 20
 
 
+async def read_response_head(reader: asyncio.StreamReader) -> tuple[int, int | None]:
+    """Status code and Content-Length (None when absent) of an HTTP/1.x response; ValueError if it is not one."""
+    status_line = await reader.readline()
+    parts = status_line.decode("latin-1").split()
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        raise ValueError(f"not an HTTP response: {status_line[:80]!r}")
+    length: int | None = None
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b"\n", b""):
+            return int(parts[1]), length
+        name, _, value = line.decode("latin-1").partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value.strip())
+
+
 class HttpProbe:
     """Every request is bounded by ``timeout``: a hung server (accepts, never answers) counts as a failed probe."""
 
@@ -45,23 +61,12 @@ class HttpProbe:
             try:
                 writer.write(f"{headers}Connection: close\r\n\r\n".encode() + body)
                 await writer.drain()
-                status_line = await reader.readline()
-                parts = status_line.decode("latin-1").split()
-                if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-                    raise ValueError(f"not an HTTP response: {status_line[:80]!r}")
-                length: int | None = None
-                while True:
-                    line = await reader.readline()
-                    if line in (b"\r\n", b"\n", b""):
-                        break
-                    name, _, value = line.decode("latin-1").partition(":")
-                    if name.strip().lower() == "content-length":
-                        length = int(value.strip())
+                status, length = await read_response_head(reader)
                 if length is not None:
                     body = await reader.readexactly(min(length, _MAX_BODY))
                 else:
                     body = await reader.read(_MAX_BODY)  # Connection: close, so EOF ends the body
-                return int(parts[1]), body
+                return status, body
             finally:
                 writer.close()
                 # A hung peer may never acknowledge the close; the surrounding timeout still bounds this wait.

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -174,3 +175,16 @@ class HostInventory:
 
     def gpu_by_bdf(self, bdf: str) -> GpuInfo | None:
         return next((g for g in self.gpus if g.bdf == bdf), None)
+
+
+@dataclass(frozen=True)
+class GpuTelemetry:
+    """Sensor readings of one GPU, read through its primary partition (secondaries report N/A or 0 for these:
+    ROCm/device-metrics-exporter#115, #139). A reading the hardware does not provide is absent, never 0."""
+
+    temperature_celsius: Mapping[str, float] = field(default_factory=dict)
+    """By sensor: "hotspot", "memory", "vrsoc", "edge" (MI300X has no edge sensor)."""
+    power_watts: float | None = None
+    """Current socket power."""
+    activity_ratio: Mapping[str, float] = field(default_factory=dict)
+    """By engine, 0-1: "gfx" (compute), "umc" (memory controller), "mm" (media)."""

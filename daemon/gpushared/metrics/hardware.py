@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from gpushared.domain.errors import GpushareError
-from gpushared.metrics.source import GpuTelemetry, HardwareReader, TelemetryReader
+from gpushared.domain.gpu import GpuTelemetry
+from gpushared.metrics.source import HardwareReader, TelemetryReader
 
 log = logging.getLogger("gpushared.metrics")
 

@@ -8,10 +8,9 @@ blocking reads (per-process VRAM, telemetry) are only ever called from the expor
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from gpushared.domain.gpu import DeviceProcess
+from gpushared.domain.gpu import DeviceProcess, GpuTelemetry
 from gpushared.services.allocations import AllocationService, HostView
 from gpushared.services.models import ModelService, ModelView
 from gpushared.services.partitions import PartitionService
@@ -44,19 +43,6 @@ class HardwareReader(Protocol):
     """The part of the GpuBackend the hardware poller uses; blocking, so it runs in a worker thread."""
 
     def list_processes(self, gpu_index: int) -> Mapping[int, Sequence[DeviceProcess]]: ...
-
-
-@dataclass(frozen=True)
-class GpuTelemetry:
-    """Sensor readings of one GPU, read through its primary partition (secondaries report N/A or 0 for these:
-    ROCm/device-metrics-exporter#115, #139). A reading the hardware does not provide is absent, never 0."""
-
-    temperature_celsius: Mapping[str, float] = field(default_factory=dict)
-    """By sensor: "hotspot", "memory", "vrsoc", "edge" (MI300X has no edge sensor)."""
-    power_watts: float | None = None
-    """Current socket power."""
-    activity_ratio: Mapping[str, float] = field(default_factory=dict)
-    """By engine, 0-1: "gfx" (compute), "umc" (memory controller), "mm" (media)."""
 
 
 @runtime_checkable

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from gpushared.adapters.http_probe import read_response_head
 from gpushared.metrics.exposition import escape_label, header, number
 from gpushared.metrics.text import (
     COUNTER,
@@ -173,19 +174,9 @@ async def fetch_metrics(port: int, timeout: float, *, host: str = LOOPBACK) -> s
                 f"GET /metrics HTTP/1.0\r\nHost: {host}:{port}\r\nAccept: text/plain;version=0.0.4\r\n\r\n".encode()
             )
             await writer.drain()
-            status = (await reader.readline()).decode("latin-1").split()
-            if len(status) < 2 or not status[0].startswith("HTTP/") or not status[1].isdigit():
-                raise ValueError(f"not an HTTP response: {' '.join(status)[:80]!r}")
-            if status[1] != "200":
-                raise ValueError(f"GET /metrics answered {status[1]}")
-            length: int | None = None
-            while True:
-                line = await reader.readline()
-                if line in (b"\r\n", b"\n", b""):
-                    break
-                name, _, value = line.decode("latin-1").partition(":")
-                if name.strip().lower() == "content-length":
-                    length = int(value.strip())
+            status, length = await read_response_head(reader)
+            if status != 200:
+                raise ValueError(f"GET /metrics answered {status}")
             if length is not None and length > MAX_EXPOSITION_BYTES:
                 raise ValueError(f"exposition of {length} bytes is too large")
             body = await (reader.readexactly(length) if length is not None else reader.read(MAX_EXPOSITION_BYTES + 1))

@@ -44,7 +44,8 @@ def layout_request_from_pb(message: pb.LayoutRequest, gpu_count: int) -> LayoutR
     if message.memory_partition != pb.MEMORY_PARTITION_UNSPECIFIED:
         if message.memory_partition not in MEMORY_FROM_PB:
             raise InvalidArgument(
-                f"layout: unknown memory partition {message.memory_partition}", hint="use NPS1 or NPS4"
+                f"layout: unknown memory partition {message.memory_partition}",
+                hint="use NPS1, NPS2 or NPS4 (MI300X offers NPS1 and NPS4)",
             )
         memory = MEMORY_FROM_PB[message.memory_partition]
     gpus = tuple(sorted(set(message.gpu_indices))) or tuple(range(gpu_count))
