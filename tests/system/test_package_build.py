@@ -58,6 +58,8 @@ def test_rpm_files_scriptlets_and_dependencies(built: tuple[Path, str]) -> None:
         "/usr/sbin/gpushared",
         "/usr/bin/gpusharectl",
         "/opt/gpushare/venv/bin/gpushared-stub-engine",
+        "/usr/share/gpushare/prometheus/gpushare-rules.yml",
+        "/usr/share/gpushare/grafana/gpushare.json",
     ):
         assert path in files, path
     assert any(p.startswith("/usr/share/man/man8/gpushared.8") for p in files)
