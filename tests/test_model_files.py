@@ -50,3 +50,21 @@ def test_tail_follow_and_rotation(tmp_path: Path) -> None:
     assert data == b"after rotation\n", "an offset past the end starts over"
     assert files.read_log("absent", offset=None, tail_lines=5) == (b"", 0)
     assert not files.rotate("absent", 1)
+
+
+def test_readability_is_judged_with_the_childs_uid_gid_and_groups(tmp_short: Path) -> None:
+    tmp_short.chmod(0o755)
+    model = tmp_short / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    os.chown(model, 0, 44)  # root:video
+    model.chmod(0o750)
+    files = ModelFiles(tmp_short / "state")
+    assert not files.readable_by(str(model), 4242, 4242), "neither owner nor group"
+    assert files.readable_by(str(model), 4242, 4242, (44,)), "the video group the child gets opens it"
+    assert files.readable_by(str(model), 4242, 44)
+    assert not files.readable_by(str(tmp_short / "absent"), 4242, 4242)
+    model.chmod(0o740)  # readable but not enterable
+    assert not files.readable_by(str(model), 4242, 44), "a directory must also be enterable"
+    # Many checks in a row from a threaded process: none may crash (subprocess's vfork + setuid did).
+    assert all(files.readable_by(str(model / "config.json"), 0, 0) for _ in range(20))

@@ -94,7 +94,7 @@ def test_real_vllm_serves_through_the_daemon(vllm_daemon: Daemon) -> None:
     )
     shown = vllm_daemon.ctl("show", "tiny").stdout
     log = vllm_daemon.ctl("logs", "tiny", "-n", "40").stdout
-    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{shown}\n{log}"
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{shown}\n{log}\n{vllm_daemon.log()[-3000:]}"
     assert "serve options listed" in vllm_daemon.log(), "the daemon asked this vLLM which options it knows"
     model = json.loads(vllm_daemon.ctl("--json", "show", "tiny").stdout)
     endpoint, pid = model["endpoint"], int(model["pid"])

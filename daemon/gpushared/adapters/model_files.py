@@ -6,12 +6,24 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import BinaryIO
 
 from gpushared.domain.errors import FailedPrecondition
 
 _log = logging.getLogger("gpushared.models")
+
+_CHECK_AS = """
+import os, sys
+uid, gid, groups, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+os.setgroups([int(g) for g in groups.split(",") if g])
+os.setresgid(gid, gid, gid)
+os.setresuid(uid, uid, uid)
+readable = os.access(path, os.R_OK) and (not os.path.isdir(path) or os.access(path, os.X_OK))
+sys.exit(0 if readable else 1)
+"""
+"""Run as root, exits 0 when ``uid``/``gid`` with ``groups`` can read ``path`` and enter it if a directory."""
 
 
 class ModelFiles:
@@ -42,26 +54,45 @@ class ModelFiles:
             os.chown(directory, uid, gid)
         return home
 
-    def readable_by(self, path: str, uid: int, gid: int) -> bool:
+    def readable_by(self, path: str, uid: int, gid: int, groups: tuple[int, ...] = ()) -> bool:
         """Whether ``uid`` can read ``path`` (and enter it, for a directory), checked AS that user.
 
         The daemon runs as root, whose view says nothing about the child's: the check runs in a
         short-lived process with the child's credentials, as the kernel would judge the child.
         """
+        # The credentials are dropped by the child itself, after exec: subprocess's user=/group= in this
+        # multi-threaded daemon use vfork on Python 3.11, and the child then crashed now and then (SIGSEGV in
+        # glibc's setxid broadcast), which read as "cannot read it".
         result = subprocess.run(
-            ["/bin/sh", "-c", 'test -r "$1" && { test ! -d "$1" || test -x "$1"; }', "sh", path],
-            user=uid,
-            group=gid,
-            extra_groups=[],
-            env={"PATH": "/usr/bin:/bin"},
+            [sys.executable, "-I", "-S", "-c", _CHECK_AS, str(uid), str(gid), ",".join(map(str, groups)), path],
+            env={},
             cwd="/",
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             check=False,
             timeout=10,
         )
-        return result.returncode == 0
+        if result.returncode == 0:
+            return True
+        detail = result.stderr.decode(errors="replace").strip()[-300:]
+        if result.returncode != 1 or detail:
+            # test(1) says "no" with status 1 and no output; anything else means the check itself did not run.
+            _log.warning(
+                "readability check of %s as uid %d gid %d ended with status %d: %s",
+                path,
+                uid,
+                gid,
+                result.returncode,
+                detail or "no output",
+                extra={"event": "readable_check_failed"},
+            )
+            raise FailedPrecondition(
+                f"model {path[:200]}: could not check whether uid {uid} can read it (status {result.returncode}: "
+                f"{detail or 'no output'})",
+                hint="see the daemon's log; retry",
+            )
+        return False
 
     def remove_home(self, name: str) -> None:
         shutil.rmtree(self._homes / name, ignore_errors=True)

@@ -192,7 +192,9 @@ class ModelService:
             if known is not None:
                 check_known_flags(planned_flags(spec), known, launcher=" ".join(self._config.vllm_launcher)[:120])
         uid, gid = self._run_as(caller)
-        if spec.model.startswith("/") and not await asyncio.to_thread(self._files.readable_by, spec.model, uid, gid):
+        if spec.model.startswith("/") and not await asyncio.to_thread(
+            self._files.readable_by, spec.model, uid, gid, self._groups(uid, gid)
+        ):
             raise PermissionDenied(
                 f"model {spec.model[:200]}: uid {uid}, which the model runs as, cannot read it",
                 hint="make the path readable by that user (the daemon never reads models on its behalf)",
