@@ -437,7 +437,7 @@ def test_start_timeout_is_learned_from_earlier_starts(world: World) -> None:
         try:
             await sup.start()
             await sup.wait_state(S.READY, timeout=PATIENCE)
-            assert len(sup.start_durations) == 2 and 0 < sup.start_durations[-1] < PATIENCE
+            assert len(sup.start_durations) == 2 and sup.start_durations[-1] > 0, "the new start is recorded"
         finally:
             await sup.stop()
 
