@@ -37,6 +37,8 @@ from gpushared.services.supervision_ports import (
 from gpushared.services.supervisor import ModelSupervisor
 
 log = logging.getLogger("gpushared.models")
+RETRY = "retry"
+"""drained_by of a model placed again outside any operation (retry_unplaced)."""
 SYSTEM = Caller(uid=0, gid=0, pid=0, admin=True)
 """The daemon acting on its own (a partition operation), with an admin's rights."""
 
@@ -555,7 +557,8 @@ class ModelService:
                 ),
             )
         except GpushareError as exc:
-            why = f"no room on the new partition layout after operation {record.drained_by}: {str(exc)[:300]}"
+            after = "" if record.drained_by == RETRY else f" after operation {record.drained_by}"
+            why = f"no room on the new partition layout{after}: {str(exc)[:300]}"
             entry.record = replace(record, drained_by="", failure=why)
             await self._allocations.commit.record(ModelSaved(entry.record))
             log.error("model %s: %s", name, why, extra={"event": "undrain_failed", "model": name})
@@ -588,7 +591,7 @@ class ModelService:
         for name, entry in list(self._entries.items()):
             record = entry.record
             if record.failure and not record.allocation_id and record.running and entry.supervisor is None:
-                entry.record = replace(record, drained_by="retry")
+                entry.record = replace(record, drained_by=RETRY)
                 if not await self.undrain(name):
                     started.append(name)
         return started
